@@ -1,0 +1,428 @@
+"""The op contract of torch-mla: schemas, argument rules, fake impls and Python wrappers.
+
+Every fact about the ops' arguments lives here once:
+
+* the schemas of ``torch.ops.mla.decode``, ``torch.ops.mla.get_metadata`` and
+  ``torch.ops.mla.write_cache``;
+* the argument rules and their error messages (``check_decode_args`` and friends), used by the
+  fake (meta) impls under ``torch.compile`` and by the CPU impls; the CUDA impls in ``csrc/``
+  check the same rules with the same wording, and a GPU test compares the two;
+* the shapes of every output (the fake impls);
+* the documented Python wrappers users call.
+
+Numerics live in ``reference.py``; the kernels live in ``csrc/``.
+
+Every op is inference-only: called with grad mode enabled on an input that requires grad it
+raises, instead of returning a result that silently has no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import reference
+
+__all__ = [
+    "HEAD_DIM",
+    "HEAD_DIM_V",
+    "ROPE_DIM",
+    "METADATA_SIZE",
+    "decode",
+    "get_metadata",
+    "write_cache",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "debug_mode",
+]
+
+HEAD_DIM = 576  # latent (kv_lora_rank = 512) + decoupled RoPE (64) dims of every q and cache row
+HEAD_DIM_V = 512  # V is the first 512 dims of the same cache row
+ROPE_DIM = HEAD_DIM - HEAD_DIM_V
+METADATA_SIZE = 8  # int32 words per scheduler partition in tile_scheduler_metadata
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+lib = torch.library.Library("mla", "DEF")
+lib.define(
+    "decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, "
+    "int head_dim_v=512, float? softmax_scale=None, bool causal=False, "
+    "Tensor? tile_scheduler_metadata=None, Tensor? num_splits=None) -> (Tensor out, Tensor lse)"
+)
+lib.define(
+    "get_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k) "
+    "-> (Tensor tile_scheduler_metadata, Tensor num_splits)"
+)
+lib.define("write_cache(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()")
+
+
+def debug_mode() -> bool:
+    """True when ``TORCH_MLA_DEBUG`` is set to a non-empty value other than ``0``.
+
+    In debug mode the values that only the device knows (sequence lengths against the block
+    table, block ids in range) are also checked on CUDA, at the cost of a host sync. On the CPU
+    they are always checked: there they cost no sync.
+    """
+    return os.environ.get("TORCH_MLA_DEBUG", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument rules. One function per op; each message names the argument and what was expected.
+# --------------------------------------------------------------------------------------------
+
+
+def _fail(op: str, msg: str) -> None:
+    raise ValueError(f"mla.{op}: {msg}")
+
+
+def _check_no_grad(op: str, **tensors: torch.Tensor | None) -> None:
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            _fail(
+                op,
+                f"{name} requires grad, but mla ops are inference-only and have no backward; "
+                "call them under torch.no_grad() or torch.inference_mode()",
+            )
+
+
+def _check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        _fail(op, f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_dtype(op: str, name: str, t: torch.Tensor, expected: torch.dtype | tuple) -> None:
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    if t.dtype not in allowed:
+        names = " or ".join(str(d).removeprefix("torch.") for d in allowed)
+        _fail(op, f"{name} must be {names}, got {str(t.dtype).removeprefix('torch.')}")
+
+
+def _check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        _fail(op, f"{name} must be contiguous, got strides {tuple(t.stride())}")
+
+
+def _check_devices(op: str, first: str, **tensors: torch.Tensor | None) -> None:
+    device = tensors[first].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            _fail(op, f"{name} is on {t.device} but {first} is on {device}; all tensors must share one device")
+
+
+def _check_size(op: str, name: str, dim: str, got, expected) -> None:
+    if got != expected:
+        _fail(op, f"{name} must have {dim} {expected}, got {got}")
+
+
+def check_decode_args(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    softmax_scale: float | None,
+    tile_scheduler_metadata: torch.Tensor | None,
+    num_splits: torch.Tensor | None,
+) -> None:
+    """Shape, dtype, device and layout rules of ``mla.decode``; no device value is read."""
+    op = "decode"
+    _check_devices(
+        op, "q", q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
+        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits,
+    )
+    _check_rank(op, "q", q, 4, f"[batch, s_q, h_q, {HEAD_DIM}]")
+    _check_rank(op, "kv_cache", kv_cache, 4, f"[num_blocks, block_size, 1, {HEAD_DIM}]")
+    _check_rank(op, "block_table", block_table, 2, "[batch, max_blocks_per_seq]")
+    _check_rank(op, "cache_seqlens", cache_seqlens, 1, "[batch]")
+    _check_dtype(op, "q", q, _DTYPES)
+    _check_dtype(op, "kv_cache", kv_cache, q.dtype)
+    _check_dtype(op, "block_table", block_table, torch.int32)
+    _check_dtype(op, "cache_seqlens", cache_seqlens, torch.int32)
+    _check_size(op, "q", "head dim (size -1)", q.shape[3], HEAD_DIM)
+    _check_size(op, "kv_cache", "head dim (size -1)", kv_cache.shape[3], HEAD_DIM)
+    _check_size(op, "kv_cache", "num_heads_k (size 2)", kv_cache.shape[2], 1)
+    _check_size(op, "head_dim_v", "value", head_dim_v, HEAD_DIM_V)
+    if q.shape[1] < 1:
+        _fail(op, f"q must have s_q (size 1) >= 1, got {q.shape[1]}")
+    if q.shape[2] < 1:
+        _fail(op, f"q must have h_q (size 2) >= 1, got {q.shape[2]}")
+    if kv_cache.shape[1] < 1:
+        _fail(op, f"kv_cache must have block_size (size 1) >= 1, got {kv_cache.shape[1]}")
+    batch = q.shape[0]
+    _check_size(op, "block_table", "batch (size 0) equal to q's", block_table.shape[0], batch)
+    _check_size(op, "cache_seqlens", "batch (size 0) equal to q's", cache_seqlens.shape[0], batch)
+    for name, t in (("q", q), ("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        _check_contiguous(op, name, t)
+    if softmax_scale is not None and not (softmax_scale > 0 and math.isfinite(softmax_scale)):
+        _fail(op, f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    if (tile_scheduler_metadata is None) != (num_splits is None):
+        _fail(op, "tile_scheduler_metadata and num_splits must be given together (both from mla.get_metadata) or both omitted")
+    if tile_scheduler_metadata is not None:
+        _check_rank(op, "tile_scheduler_metadata", tile_scheduler_metadata, 2, f"[num_sm_parts, {METADATA_SIZE}]")
+        _check_dtype(op, "tile_scheduler_metadata", tile_scheduler_metadata, torch.int32)
+        _check_size(op, "tile_scheduler_metadata", "size -1", tile_scheduler_metadata.shape[1], METADATA_SIZE)
+        _check_rank(op, "num_splits", num_splits, 1, "[batch + 1]")
+        _check_dtype(op, "num_splits", num_splits, torch.int32)
+        _check_size(op, "num_splits", "size 0 (batch + 1)", num_splits.shape[0], batch + 1)
+        _check_contiguous(op, "tile_scheduler_metadata", tile_scheduler_metadata)
+        _check_contiguous(op, "num_splits", num_splits)
+    _check_no_grad(op, q=q, kv_cache=kv_cache)
+
+
+def check_decode_values(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                        cache_seqlens: torch.Tensor, causal: bool) -> None:
+    """Rules on the values of ``cache_seqlens`` and ``block_table`` (reads them: a host sync on CUDA)."""
+    op = "decode"
+    if q.shape[0] == 0:
+        return
+    num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]
+    capacity = block_table.shape[1] * block_size
+    seqlens = cache_seqlens.to("cpu", torch.int64)
+    if bool((seqlens < 0).any()) or bool((seqlens > capacity).any()):
+        _fail(op, f"cache_seqlens must lie in [0, {capacity}] (max_blocks_per_seq * block_size), got {seqlens.tolist()}")
+    s_q = q.shape[1]
+    if causal and s_q > 1 and bool(((seqlens > 0) & (seqlens < s_q)).any()):
+        _fail(op, f"with causal=True every non-empty sequence needs cache_seqlens >= s_q ({s_q}), got {seqlens.tolist()}")
+    used = torch.arange(block_table.shape[1]) < ((seqlens + block_size - 1) // block_size)[:, None]
+    ids = block_table.to("cpu", torch.int64)[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        _fail(op, f"block_table holds block ids outside [0, {num_blocks}) within cache_seqlens")
+
+
+def check_get_metadata_args(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int, num_heads_k: int) -> None:
+    op = "get_metadata"
+    _check_rank(op, "cache_seqlens", cache_seqlens, 1, "[batch]")
+    _check_dtype(op, "cache_seqlens", cache_seqlens, torch.int32)
+    _check_contiguous(op, "cache_seqlens", cache_seqlens)
+    if num_q_tokens_per_head_k < 1:
+        _fail(op, f"num_q_tokens_per_head_k must be >= 1 (s_q * h_q // num_heads_k), got {num_q_tokens_per_head_k}")
+    _check_size(op, "num_heads_k", "value", num_heads_k, 1)
+
+
+def check_write_cache_args(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+    op = "write_cache"
+    _check_devices(op, "kv_cache", kv_cache=kv_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping)
+    _check_rank(op, "kv_c", kv_c, 2, f"[num_tokens, {HEAD_DIM_V}]")
+    _check_rank(op, "k_pe", k_pe, 2, f"[num_tokens, {ROPE_DIM}]")
+    _check_rank(op, "kv_cache", kv_cache, 4, f"[num_blocks, block_size, 1, {HEAD_DIM}]")
+    _check_rank(op, "slot_mapping", slot_mapping, 1, "[num_tokens]")
+    _check_dtype(op, "kv_cache", kv_cache, _DTYPES)
+    _check_dtype(op, "kv_c", kv_c, kv_cache.dtype)
+    _check_dtype(op, "k_pe", k_pe, kv_cache.dtype)
+    _check_dtype(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64))
+    _check_size(op, "kv_c", "size -1", kv_c.shape[1], HEAD_DIM_V)
+    _check_size(op, "k_pe", "size -1", k_pe.shape[1], ROPE_DIM)
+    _check_size(op, "kv_cache", "head dim (size -1)", kv_cache.shape[3], HEAD_DIM)
+    _check_size(op, "kv_cache", "num_heads_k (size 2)", kv_cache.shape[2], 1)
+    _check_size(op, "k_pe", "num_tokens (size 0) equal to kv_c's", k_pe.shape[0], kv_c.shape[0])
+    _check_size(op, "slot_mapping", "num_tokens (size 0) equal to kv_c's", slot_mapping.shape[0], kv_c.shape[0])
+    _check_contiguous(op, "kv_cache", kv_cache)
+    _check_contiguous(op, "slot_mapping", slot_mapping)
+    if kv_c.stride(1) != 1 or k_pe.stride(1) != 1:
+        _fail(op, "kv_c and k_pe must have unit stride in their last dim")
+    _check_no_grad(op, kv_c=kv_c, k_pe=k_pe, kv_cache=kv_cache)
+
+
+def check_write_cache_values(kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Slots in range and distinct (reads slot_mapping: a host sync on CUDA)."""
+    num_slots = kv_cache.shape[0] * kv_cache.shape[1]
+    slots = slot_mapping.to("cpu", torch.int64)
+    slots = slots[slots >= 0]
+    if slots.numel() and int(slots.max()) >= num_slots:
+        _fail("write_cache", f"slot_mapping holds slot {int(slots.max())} outside [0, {num_slots}) (num_blocks * block_size); negative slots are skipped")
+    if slots.unique().numel() != slots.numel():
+        _fail("write_cache", "slot_mapping holds a slot twice; each token needs its own slot")
+
+
+def num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k: int) -> int:
+    """Rows of ``tile_scheduler_metadata``: the number of persistent CTAs the CUDA kernel runs.
+
+    Each 64-row query tile of each KV head gets an equal share of the SMs. On the CPU there is
+    one partition (the CPU impl does not split).
+    """
+    if device.type != "cuda":
+        return 1
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    q_tiles = -(-num_q_tokens_per_head_k // 64)
+    return max(1, sm_count // num_heads_k // q_tiles)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) impls: shapes only, symbolic sizes welcome.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("mla::decode")
+def _decode_fake(q, kv_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V, softmax_scale=None,
+                 causal=False, tile_scheduler_metadata=None, num_splits=None):
+    check_decode_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                      tile_scheduler_metadata, num_splits)
+    b, s_q, h_q, _ = q.shape
+    out = q.new_empty((b, s_q, h_q, head_dim_v))
+    lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("mla::get_metadata")
+def _get_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
+    check_get_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    parts = num_sm_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
+    metadata = cache_seqlens.new_empty((parts, METADATA_SIZE))
+    splits = cache_seqlens.new_empty((cache_seqlens.shape[0] + 1,))
+    return metadata, splits
+
+
+@torch.library.register_fake("mla::write_cache")
+def _write_cache_fake(kv_c, k_pe, kv_cache, slot_mapping):
+    check_write_cache_args(kv_c, k_pe, kv_cache, slot_mapping)
+
+
+# --------------------------------------------------------------------------------------------
+# CPU impls: validate, then the pure-PyTorch reference. Also serve CUDA tensors when the
+# compiled extension is absent (see __init__.py), with value checks only in debug mode there.
+# --------------------------------------------------------------------------------------------
+
+
+def _checks_values(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or debug_mode()
+
+
+def _decode_impl(q, kv_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V, softmax_scale=None,
+                 causal=False, tile_scheduler_metadata=None, num_splits=None):
+    check_decode_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                      tile_scheduler_metadata, num_splits)
+    if _checks_values(q):
+        check_decode_values(q, kv_cache, block_table, cache_seqlens, causal)
+    scale = HEAD_DIM ** -0.5 if softmax_scale is None else softmax_scale
+    return reference.decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
+
+
+def _get_metadata_impl(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
+    check_get_metadata_args(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    parts = num_sm_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
+    return reference.get_metadata(cache_seqlens, parts, METADATA_SIZE)
+
+
+def _write_cache_impl(kv_c, k_pe, kv_cache, slot_mapping):
+    check_write_cache_args(kv_c, k_pe, kv_cache, slot_mapping)
+    if _checks_values(kv_cache):
+        check_write_cache_values(kv_cache, slot_mapping)
+    reference.write_cache(kv_c, k_pe, kv_cache, slot_mapping)
+
+
+def _register_reference(dispatch_key: str) -> None:
+    lib.impl("decode", _decode_impl, dispatch_key)
+    lib.impl("get_metadata", _get_metadata_impl, dispatch_key)
+    lib.impl("write_cache", _write_cache_impl, dispatch_key)
+
+
+_register_reference("CPU")
+
+
+# --------------------------------------------------------------------------------------------
+# Python wrappers: the documented API.
+# --------------------------------------------------------------------------------------------
+
+
+def decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    head_dim_v: int = HEAD_DIM_V,
+    tile_scheduler_metadata: torch.Tensor | None = None,
+    num_splits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA decode attention over a paged latent KV cache (absorbed / MQA form).
+
+    Args:
+        q: ``[batch, s_q, h_q, 576]`` bf16 or fp16 (fp32 on the CPU). The first 512 dims are the
+            query in the latent space (W_UK absorbed), the last 64 its RoPE part.
+        kv_cache: ``[num_blocks, block_size, 1, 576]``, q's dtype. Each row holds a token's
+            latent ``c_kv`` (512) then its RoPE key ``k_pe`` (64); V is the first 512 dims.
+            The CUDA kernel needs ``block_size == 64``.
+        block_table: ``[batch, max_blocks_per_seq]`` int32: block ids of each sequence, in order.
+            Entries past a sequence's length are never read.
+        cache_seqlens: ``[batch]`` int32: number of cached tokens of each sequence, the new
+            ones included. 0 marks an empty (padding) sequence: its out is 0, its lse +inf.
+        softmax_scale: multiplies q·k before the softmax; default ``576 ** -0.5``.
+        causal: with ``s_q > 1``, query row i of a sequence of length L sees keys
+            ``[0, L - s_q + i]`` (speculative / multi-token decoding); otherwise all L keys.
+        head_dim_v: must be 512.
+        tile_scheduler_metadata, num_splits: the split-KV plan from :func:`get_metadata`, made
+            once per step and shared by all layers; omitted, decode plans internally.
+
+    Returns:
+        ``out``: ``[batch, s_q, h_q, 512]`` in q's dtype, the attention output in latent space.
+        ``lse``: ``[batch, h_q, s_q]`` float32, natural log of the softmax denominator of the
+        scaled scores.
+    """
+    return torch.ops.mla.decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                                causal, tile_scheduler_metadata, num_splits)
+
+
+def get_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int,
+                 num_heads_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV work plan of one decode step, computed on the device with no host sync.
+
+    Args:
+        cache_seqlens: ``[batch]`` int32, as passed to :func:`decode`.
+        num_q_tokens_per_head_k: ``s_q * h_q // num_heads_k``.
+        num_heads_k: KV heads; MLA has 1.
+
+    Returns:
+        ``tile_scheduler_metadata``: ``[num_sm_parts, 8]`` int32, each row the stretch of
+        (sequence, KV position) work one persistent CTA takes; ``num_splits``: ``[batch + 1]``
+        int32, the cumulative number of splits of each sequence. Computed once per step, it is
+        valid for every layer (it depends only on the lengths) and can be captured in a CUDA graph.
+        On the CPU the plan is trivial (one part, one split per sequence): the CPU impl does not split.
+    """
+    return torch.ops.mla.get_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+
+
+def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    """Write new tokens' latent and RoPE key parts into their paged cache slots, in place.
+
+    Args:
+        kv_c: ``[num_tokens, 512]``, the compressed latent ``c_kv`` (kv_cache's dtype).
+        k_pe: ``[num_tokens, 64]``, the RoPE key (already rotated).
+        kv_cache: ``[num_blocks, block_size, 1, 576]``, mutated: row ``slot_mapping[t]`` of the
+            flattened ``[num_blocks * block_size, 576]`` view becomes ``[kv_c[t] | k_pe[t]]``.
+        slot_mapping: ``[num_tokens]`` int32 or int64, ``block_id * block_size + offset``; a
+            negative slot skips the token (padding). Slots must be distinct.
+    """
+    torch.ops.mla.write_cache(kv_c, k_pe, kv_cache, slot_mapping)
+
+
+# FlashMLA-compatible names: switch by changing the import.
+
+
+def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
+                     num_heads_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashMLA's ``get_mla_metadata``: ``num_heads_per_head_k = s_q * h_q // h_kv``."""
+    return get_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
+
+
+def flash_mla_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    head_dim_v: int,
+    tile_scheduler_metadata: torch.Tensor | None,
+    num_splits: torch.Tensor | None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashMLA's ``flash_mla_with_kvcache`` arguments and results, over :func:`decode`."""
+    return decode(q, k_cache, block_table, cache_seqlens, softmax_scale=softmax_scale, causal=causal,
+                  head_dim_v=head_dim_v, tile_scheduler_metadata=tile_scheduler_metadata,
+                  num_splits=num_splits)

@@ -1,0 +1,67 @@
+"""Pure-PyTorch implementations of the mla ops: the CPU kernels and the numerics of record.
+
+These functions assume their arguments passed the rules in ``ops.py``; they compute in float32
+with float32 accumulation and are vectorised (pages are gathered with one indexing op, no Python
+loop per token or per sequence), so they can drive a small model on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor):
+    """Gather each sequence's pages into ``[batch, max_len, d]`` float32, zero past its length.
+
+    Block ids past a sequence's length are never dereferenced (they are replaced by block 0), and
+    rows past the length are zeroed, so whatever unused pages or slots hold (NaN included) cannot
+    reach the result.
+    """
+    batch, max_blocks = block_table.shape
+    block_size = kv_cache.shape[1]
+    seqlens = cache_seqlens.long()
+    used_blocks = (seqlens + block_size - 1) // block_size
+    block_used = torch.arange(max_blocks, device=block_table.device) < used_blocks[:, None]
+    safe_table = torch.where(block_used, block_table, torch.zeros_like(block_table)).long()
+    kv = kv_cache[safe_table].reshape(batch, max_blocks * block_size, kv_cache.shape[-1])
+    positions = torch.arange(max_blocks * block_size, device=kv.device)
+    valid = positions < seqlens[:, None]
+    kv = torch.where(valid[..., None], kv.float(), torch.zeros((), dtype=torch.float32, device=kv.device))
+    return kv, positions, seqlens
+
+
+def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+           head_dim_v: int, softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query row over its sequence's cached rows; see ``ops.decode``."""
+    batch, s_q, h_q, _ = q.shape
+    kv, positions, seqlens = _gather_pages(kv_cache, block_table, cache_seqlens)
+    # Last key each query row may see: L - 1 for all rows, or L - s_q + i when causal.
+    last = (seqlens - 1)[:, None].expand(batch, s_q)
+    if causal:
+        last = last - (s_q - 1) + torch.arange(s_q, device=q.device)[None, :]
+    visible = positions[None, None, :] <= last[:, :, None]  # [batch, s_q, max_len]
+
+    scores = torch.einsum("bshd,btd->bsht", q.float(), kv) * softmax_scale
+    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [batch, s_q, h_q]; -inf for a row that sees nothing
+    empty = torch.isneginf(lse)
+    probs = torch.exp(scores - torch.where(empty, 0.0, lse)[..., None])
+    out = torch.einsum("bsht,btv->bshv", probs, kv[..., :head_dim_v])
+    lse = torch.where(empty, float("inf"), lse)  # FlashMLA's convention for an empty row
+    return out.to(q.dtype), lse.transpose(1, 2).contiguous()
+
+
+def get_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int, metadata_size: int):
+    """The CPU plan: nothing is split, so each sequence has exactly one split."""
+    batch = cache_seqlens.shape[0]
+    metadata = torch.zeros((num_sm_parts, metadata_size), dtype=torch.int32, device=cache_seqlens.device)
+    num_splits = torch.arange(batch + 1, dtype=torch.int32, device=cache_seqlens.device)
+    return metadata, num_splits
+
+
+def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """``kv_cache.view(-1, 576)[slot] = [kv_c | k_pe]`` for every token whose slot is >= 0."""
+    rows = kv_cache.view(-1, kv_cache.shape[-1])
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    rows[slots] = torch.cat([kv_c[keep], k_pe[keep]], dim=-1).to(kv_cache.dtype)
