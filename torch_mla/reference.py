@@ -23,7 +23,10 @@ def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqle
     used_blocks = (seqlens + block_size - 1) // block_size
     block_used = torch.arange(max_blocks, device=block_table.device) < used_blocks[:, None]
     safe_table = torch.where(block_used, block_table, torch.zeros_like(block_table)).long()
-    kv = kv_cache[safe_table].reshape(batch, max_blocks * block_size, kv_cache.shape[-1])
+    if kv_cache.shape[0] == 0:  # no pages at all: every sequence is empty
+        kv = kv_cache.new_zeros(batch, max_blocks * block_size, kv_cache.shape[-1])
+    else:
+        kv = kv_cache[safe_table].reshape(batch, max_blocks * block_size, kv_cache.shape[-1])
     positions = torch.arange(max_blocks * block_size, device=kv.device)
     valid = positions < seqlens[:, None]
     kv = torch.where(valid[..., None], kv.float(), torch.zeros((), dtype=torch.float32, device=kv.device))
