@@ -130,3 +130,20 @@ def test_bad_write_cache_input_is_rejected(case):
     with pytest.raises(ValueError, match=re.escape(message)):
         torch_mla.write_cache(**args)
     assert torch.equal(args["kv_cache"], before), "a rejected write must not touch the cache"
+
+
+def test_debug_checks_run_in_front_of_a_backend_kernel(monkeypatch):
+    # The debug wrapper is what TORCH_MLA_DEBUG=1 puts in front of the CUDA kernel. Here the CPU
+    # impl is made to skip its own value checks (as the CUDA kernel does) and the wrapper is put
+    # in front of it (AutogradCPU) in a scoped library, so it is testable anywhere.
+    from torch_mla import ops
+
+    monkeypatch.setattr(ops, "_checks_values", lambda t: False)
+    args = VALUE_CASES["s_q > seqlen, causal"][0](valid_decode_args())
+    call_decode(**args)  # unchecked: runs
+    with torch.library._scoped_library("mla", "IMPL") as scoped:
+        scoped.impl("decode", ops._decode_with_value_checks, "AutogradCPU")
+        with pytest.raises(ValueError, match="with causal=True every non-empty sequence needs"):
+            call_decode(**args)
+        out, _ = call_decode(**valid_decode_args())
+        assert out.shape == (2, 2, 4, 512)

@@ -21,6 +21,8 @@ try:
     from . import _C  # noqa: F401  registers TORCH_LIBRARY_IMPL(mla, CUDA, ...)
 
     _CUDA_KERNEL_ERROR: str | None = None
+    if ops.debug_mode():
+        ops.register_debug_checks("AutogradCUDA")
 except ImportError as e:  # CPU-only install, or the extension was not built
     _CUDA_KERNEL_ERROR = str(e)
     ops._register_reference("CUDA")

@@ -323,6 +323,31 @@ def _register_reference(dispatch_key: str) -> None:
 _register_reference("CPU")
 
 
+def _decode_with_value_checks(q, kv_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V, softmax_scale=None,
+                              causal=False, tile_scheduler_metadata=None, num_splits=None):
+    check_decode_values(q, kv_cache, block_table, cache_seqlens, causal)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.mla.decode.default(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
+                                            causal, tile_scheduler_metadata, num_splits)
+
+
+def _write_cache_with_value_checks(kv_c, k_pe, kv_cache, slot_mapping):
+    check_write_cache_values(kv_cache, slot_mapping)
+    with torch._C._AutoDispatchBelowAutograd():
+        torch.ops.mla.write_cache.default(kv_c, k_pe, kv_cache, slot_mapping)
+
+
+def register_debug_checks(dispatch_key: str = "AutogradCUDA") -> None:
+    """Debug mode for a compiled backend: check device-held values before its kernel runs.
+
+    The checks sit at the autograd key in front of the C++ kernel, so the fast path carries no
+    Python and no sync; they run on eager calls outside ``torch.inference_mode`` (which skips
+    autograd keys) and are done by ``import torch_mla`` when ``TORCH_MLA_DEBUG=1``.
+    """
+    lib.impl("decode", _decode_with_value_checks, dispatch_key)
+    lib.impl("write_cache", _write_cache_with_value_checks, dispatch_key)
+
+
 # --------------------------------------------------------------------------------------------
 # Python wrappers: the documented API.
 # --------------------------------------------------------------------------------------------
