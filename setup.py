@@ -51,7 +51,7 @@ def _extensions():
         sources=sources,
         include_dirs=includes,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3"],  # the C++ standard is left to torch (C++17 up to 2.12, C++20 after)
             "nvcc": [
                 "-O3", "-std=c++17",
                 "-gencode=arch=compute_90a,code=sm_90a",

@@ -1,0 +1,207 @@
+// Device-side split-KV scheduler (mla.get_metadata) and the split combine kernel.
+//
+// Work is counted in KV pages (64 tokens). The pages of all sequences are laid end to end,
+// sequence 0 first; the concatenation is cut into `num_parts` stretches of `per = ceil(total /
+// num_parts)` pages, and persistent CTA column `p` of the decode grid takes stretch p. A
+// sequence cut by stretch boundaries is computed in several splits, whose partial results
+// (un-normalised by the other splits, with their own lse) are merged by the combine kernel.
+//
+// tile_scheduler_metadata[p] (int32 x 8):
+//   [0] begin_batch   first sequence of the stretch (== batch for an empty stretch)
+//   [1] begin_page    first page within begin_batch
+//   [2] end_batch     last sequence of the stretch (inclusive)
+//   [3] end_page      one past the last page within end_batch
+//   [4] begin_split   index, among begin_batch's splits, of this stretch's piece of it
+//                     (later sequences of the stretch start there: their index is 0)
+//   [5] per           pages per stretch (informational)
+//   [6], [7]          0 (reserved)
+// num_splits[b + 1] - num_splits[b] = number of splits of sequence b (0 for an empty sequence,
+// 1 when one stretch holds it whole: then the decode kernel writes out/lse directly).
+// Split s of sequence b keeps its partials in workspace slot num_splits[b] + s.
+//
+// Everything is computed in one block, with no host sync: CUDA-graph capturable, and since it
+// depends only on cache_seqlens it is computed once per step and shared by every layer.
+
+#include <cmath>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "launch.h"
+
+namespace mla {
+namespace {
+
+constexpr int kSchedThreads = 1024;
+constexpr int kMaxSchedSmem = 200 * 1024;
+
+__device__ int pages_of(int seqlen) { return seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 0; }
+
+// In-place inclusive scan of data[0, n) by the whole block (n any size), in chunks of 1024.
+__device__ void block_inclusive_scan(int* data, int n, int* warp_sums) {
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  int carry = 0;
+  for (int base = 0; base < n; base += kSchedThreads) {
+    const int i = base + tid;
+    int v = i < n ? data[i] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      int u = __shfl_up_sync(0xffffffff, v, o);
+      if (lane >= o) v += u;
+    }
+    if (lane == 31) warp_sums[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+      int w = warp_sums[lane];
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        int u = __shfl_up_sync(0xffffffff, w, o);
+        if (lane >= o) w += u;
+      }
+      warp_sums[lane] = w;
+    }
+    __syncthreads();
+    v += carry + (warp > 0 ? warp_sums[warp - 1] : 0);
+    if (i < n) data[i] = v;
+    const int chunk_total = warp_sums[31];
+    __syncthreads();
+    carry += chunk_total;
+  }
+}
+
+// Largest index i in [lo, hi] with a[i] <= x (a non-decreasing, a[lo] <= x).
+__device__ int last_le(const int* a, int lo, int hi, int x) {
+  while (lo < hi) {
+    int mid = (lo + hi + 1) / 2;
+    if (a[mid] <= x) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void __launch_bounds__(kSchedThreads) get_metadata_kernel(const int32_t* __restrict__ seqlens, int batch,
+                                                                      int num_parts, int32_t* __restrict__ metadata,
+                                                                      int32_t* __restrict__ num_splits) {
+  extern __shared__ int smem[];
+  __shared__ int warp_sums[32];
+  int* prefix = smem;              // [batch + 1]: prefix[b] = pages of sequences < b
+  int* splits = smem + batch + 1;  // [batch + 1]
+  const int tid = threadIdx.x;
+  for (int b = tid; b < batch; b += kSchedThreads) prefix[b + 1] = pages_of(seqlens[b]);
+  if (tid == 0) prefix[0] = 0;
+  __syncthreads();
+  block_inclusive_scan(prefix + 1, batch, warp_sums);
+  __syncthreads();
+  const int total = prefix[batch];
+  const int per = max(1, (total + num_parts - 1) / num_parts);
+
+  for (int p = tid; p < num_parts; p += kSchedThreads) {
+    int32_t row[kMetadataSize] = {batch, 0, -1, 0, 0, per, 0, 0};
+    const int p0 = p * per;
+    if (p0 < total) {
+      const int p1 = min(p0 + per, total);
+      const int b0 = last_le(prefix, 0, batch - 1, p0);      // sequence holding page p0
+      const int b1 = last_le(prefix, 0, batch - 1, p1 - 1);  // sequence holding page p1 - 1
+      row[0] = b0;
+      row[1] = p0 - prefix[b0];
+      row[2] = b1;
+      row[3] = p1 - prefix[b1];
+      row[4] = p - prefix[b0] / per;
+    }
+#pragma unroll
+    for (int k = 0; k < kMetadataSize; ++k) metadata[p * kMetadataSize + k] = row[k];
+  }
+  for (int b = tid; b < batch; b += kSchedThreads) {
+    const int first = prefix[b], last = prefix[b + 1] - 1;
+    splits[b + 1] = last >= first ? last / per - first / per + 1 : 0;
+  }
+  if (tid == 0) splits[0] = 0;
+  __syncthreads();
+  block_inclusive_scan(splits + 1, batch, warp_sums);
+  __syncthreads();
+  for (int b = tid; b <= batch; b += kSchedThreads) num_splits[b] = splits[b];
+}
+
+}  // namespace
+
+int max_metadata_batch() { return kMaxSchedSmem / 8 - 2; }
+
+void launch_get_metadata(const int32_t* cache_seqlens, int batch, int num_parts, int32_t* metadata,
+                         int32_t* num_splits, cudaStream_t stream) {
+  const int smem = 2 * (batch + 1) * static_cast<int>(sizeof(int));
+  static bool attr_set = false;
+  if (!attr_set) {
+    cudaFuncSetAttribute(get_metadata_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSchedSmem);
+    attr_set = true;
+  }
+  get_metadata_kernel<<<1, kSchedThreads, smem, stream>>>(cache_seqlens, batch, num_parts, metadata, num_splits);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine: out[b, row] = sum_s exp(lse_s - lse) * out_s over the splits of sequence b, where
+// lse = log sum_s exp(lse_s). One block of 128 threads per (row, sequence), 4 dims per thread.
+// Sequences with one split were written by the decode kernel; empty ones get out = 0, lse = +inf.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__device__ void store4(T* dst, float4 v);
+template <>
+__device__ void store4<__nv_bfloat16>(__nv_bfloat16* dst, float4 v) {
+  __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+  uint2 u;
+  u.x = *reinterpret_cast<uint32_t*>(&a);
+  u.y = *reinterpret_cast<uint32_t*>(&b);
+  *reinterpret_cast<uint2*>(dst) = u;
+}
+template <>
+__device__ void store4<__half>(__half* dst, float4 v) {
+  __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
+  uint2 u;
+  u.x = *reinterpret_cast<uint32_t*>(&a);
+  u.y = *reinterpret_cast<uint32_t*>(&b);
+  *reinterpret_cast<uint2*>(dst) = u;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ out_accum,
+                                                      const float* __restrict__ lse_accum,
+                                                      const int32_t* __restrict__ num_splits, T* __restrict__ out,
+                                                      float* __restrict__ lse, int s_q, int h_q) {
+  const int row = blockIdx.x, b = blockIdx.y, rows = s_q * h_q;
+  const int first = num_splits[b], n = num_splits[b + 1] - first;
+  if (n == 1) return;
+  T* dst = out + (static_cast<int64_t>(b) * rows + row) * kHeadDimV + threadIdx.x * 4;
+  float* lse_dst = lse + static_cast<int64_t>(b) * rows + (row % h_q) * s_q + row / h_q;
+  if (n == 0) {
+    store4<T>(dst, make_float4(0.f, 0.f, 0.f, 0.f));
+    if (threadIdx.x == 0) *lse_dst = INFINITY;
+    return;
+  }
+  float m = -INFINITY;
+  for (int s = 0; s < n; ++s) m = fmaxf(m, lse_accum[static_cast<int64_t>(first + s) * rows + row]);
+  const float m_use = m == -INFINITY ? 0.f : m;
+  float denom = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s = 0; s < n; ++s) {
+    const int64_t slot_row = static_cast<int64_t>(first + s) * rows + row;
+    const float w = __expf(lse_accum[slot_row] - m_use);
+    denom += w;
+    const float4 o = *reinterpret_cast<const float4*>(out_accum + slot_row * kHeadDimV + threadIdx.x * 4);
+    acc.x += w * o.x; acc.y += w * o.y; acc.z += w * o.z; acc.w += w * o.w;
+  }
+  const float inv = denom > 0.f ? 1.f / denom : 0.f;
+  store4<T>(dst, make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv));
+  if (threadIdx.x == 0) *lse_dst = denom > 0.f ? logf(denom) + m_use : INFINITY;
+}
+
+}  // namespace mla
+
+namespace mla {
+void launch_combine(const DecodeArgs& a, cudaStream_t stream) {
+  const dim3 grid(a.s_q * a.h_q, a.batch);
+  if (a.dtype == DType::kBF16)
+    combine_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits,
+                                                             static_cast<__nv_bfloat16*>(a.out), a.lse, a.s_q, a.h_q);
+  else
+    combine_kernel<__half><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits,
+                                                      static_cast<__half*>(a.out), a.lse, a.s_q, a.h_q);
+}
+}  // namespace mla

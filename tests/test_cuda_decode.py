@@ -1,0 +1,223 @@
+"""The Hopper kernel (csrc/) against the float64 oracle, on the GPU. Skipped where there is none.
+
+Tolerances (bf16/fp16 inputs): Q.K^T is exact products with float32 accumulation, so lse is
+within float32 rounding (1e-3 absolute is generous); the probabilities P are rounded to the
+input dtype before P.V (as in FlashMLA) and out is rounded once more, so out carries about two
+roundings of relative error 2^-9 (bf16): we require ||out - ref|| / ||ref|| <= 1e-2 and every
+element within 2e-2 of the largest |ref| of its sequence. NaN never passes.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import torch_mla
+from oracle import naive_decode, paged_inputs
+
+pytestmark = pytest.mark.gpu
+
+OUT_REL = 1e-2
+OUT_ABS_OF_MAX = 2e-2
+LSE_ATOL = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def _kernel_present():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert torch_mla.has_cuda_kernel(), f"CUDA extension not loaded: {torch_mla._CUDA_KERNEL_ERROR}"
+
+
+def poison_allocator(numel=1 << 24):
+    """Leave NaN in the caching allocator's free blocks so that unwritten outputs show up."""
+    torch.empty(numel, dtype=torch.float32, device="cuda").fill_(math.nan)
+    torch.cuda.synchronize()
+
+
+def make_inputs(seqlens, s_q, h_q, dtype=torch.bfloat16, seed=0, extra_blocks=3):
+    g = torch.Generator().manual_seed(seed)
+    return paged_inputs(seqlens, s_q=s_q, h_q=h_q, block_size=64, dtype=dtype, device="cuda",
+                        extra_blocks=extra_blocks, generator=g)
+
+
+def check_against_oracle(seqlens, s_q, h_q, causal=False, dtype=torch.bfloat16, softmax_scale=None, seed=0,
+                         use_metadata=False):
+    q, kv_cache, block_table, lens = make_inputs(seqlens, s_q, h_q, dtype, seed)
+    if use_metadata:
+        md, ns = torch_mla.get_metadata(lens, s_q * h_q, 1)
+    else:
+        md = ns = None
+    poison_allocator()
+    out, lse = torch_mla.decode(q, kv_cache, block_table, lens, softmax_scale=softmax_scale, causal=causal,
+                                tile_scheduler_metadata=md, num_splits=ns)
+    torch.cuda.synchronize()
+    ref_out, ref_lse = naive_decode(q, kv_cache, block_table, lens, softmax_scale, causal)
+    assert out.shape == (len(seqlens), s_q, h_q, 512) and out.dtype == dtype
+    assert lse.shape == (len(seqlens), h_q, s_q) and lse.dtype == torch.float32
+    out, lse = out.cpu().double(), lse.cpu().double()
+    assert not out.isnan().any(), "NaN in out"
+    assert not lse.isnan().any(), "NaN in lse"
+    for b, n in enumerate(seqlens):
+        if n == 0:
+            assert (out[b] == 0).all() and (lse[b] == math.inf).all(), "empty sequence: out 0, lse +inf"
+            continue
+        err = (out[b] - ref_out[b]).norm() / ref_out[b].norm().clamp_min(1e-30)
+        assert err <= OUT_REL, f"sequence {b} (len {n}): relative error {err:.2e}"
+        worst = (out[b] - ref_out[b]).abs().max()
+        assert worst <= OUT_ABS_OF_MAX * ref_out[b].abs().max(), f"sequence {b}: max abs error {worst:.2e}"
+        torch.testing.assert_close(lse[b], ref_lse[b], rtol=0, atol=LSE_ATOL)
+    return q, kv_cache, block_table, lens
+
+
+CASES = [
+    # (seqlens, s_q, h_q, causal)
+    ([1], 1, 1, False),
+    ([64], 1, 16, False),
+    ([63, 65, 128, 129], 1, 16, False),
+    ([65, 1, 200], 2, 16, True),
+    ([0, 130, 7], 1, 128, False),
+    ([0, 0], 1, 8, False),
+    ([4097], 1, 128, False),          # one sequence split over every SM
+    ([4097, 33], 2, 128, True),       # two 64-row tiles x split
+    ([300] * 5, 4, 32, True),         # 128 rows
+    ([1000, 4, 63, 64, 129], 3, 7, True),
+    ([777, 1, 64 * 20 + 3], 4, 128, True),  # 512 rows: 8 tiles
+    ([513, 2048, 17, 1500], 1, 64, False),
+    ([1] * 40, 1, 3, False),          # many tiny sequences per CTA
+]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal", CASES)
+def test_kernel_matches_float64_oracle(seqlens, s_q, h_q, causal):
+    check_against_oracle(seqlens, s_q, h_q, causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_dtypes_and_softmax_scale(dtype):
+    check_against_oracle([100, 1234, 5], 2, 16, True, dtype=dtype, softmax_scale=0.1, seed=3)
+
+
+def test_kernel_with_metadata_from_get_metadata():
+    check_against_oracle([3000, 17, 0, 640], 1, 64, False, use_metadata=True, seed=5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    s_q=st.integers(1, 4),
+    h_q=st.sampled_from([1, 2, 5, 16, 17, 32, 64, 100, 128]),
+    causal=st.booleans(),
+    batch=st.integers(1, 5),
+    data=st.data(),
+)
+def test_kernel_property(s_q, h_q, causal, batch, data):
+    lengths = st.one_of(st.just(0), st.just(1), st.integers(1, 700), st.sampled_from([64, 128, 129, 2049]))
+    if causal:
+        lengths = lengths.filter(lambda n: n == 0 or n >= s_q)
+    seqlens = data.draw(st.lists(lengths, min_size=batch, max_size=batch))
+    seed = data.draw(st.integers(0, 2 ** 31 - 1))
+    dtype = data.draw(st.sampled_from([torch.bfloat16, torch.float16]))
+    check_against_oracle(seqlens, s_q, h_q, causal, dtype=dtype, seed=seed)
+
+
+def test_repeated_runs_are_bitwise_identical():
+    q, kv, bt, lens = make_inputs([5000, 77, 1, 3000], 2, 64, seed=11)
+    first = torch_mla.decode(q, kv, bt, lens, causal=True)
+    for _ in range(3):
+        again = torch_mla.decode(q, kv, bt, lens, causal=True)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_metadata_plan_is_consistent():
+    lens = torch.tensor([0, 1, 64, 65, 5000, 0, 129], dtype=torch.int32, device="cuda")
+    md, ns = torch_mla.get_metadata(lens, 128, 1)
+    parts = torch_mla.ops.num_sm_parts(lens.device, 128, 1)
+    assert md.shape == (parts, 8) and ns.shape == (8,)
+    md, ns = md.cpu(), ns.cpu()
+    pages = [(-(-n // 64)) for n in lens.tolist()]
+    counts = (ns[1:] - ns[:-1]).tolist()
+    assert ns[0] == 0
+    assert [c == 0 for c in counts] == [p == 0 for p in pages]
+    # every page of every sequence is covered exactly once by the stretches
+    covered = [[0] * p for p in pages]
+    for row in md.tolist():
+        b0, p0, b1, p1 = row[:4]
+        for b in range(b0, min(b1, len(pages) - 1) + 1):
+            lo = p0 if b == b0 else 0
+            hi = p1 if b == b1 else pages[b]
+            for i in range(lo, hi):
+                covered[b][i] += 1
+    assert all(c == 1 for seq in covered for c in seq)
+
+
+def test_cuda_graph_replay_with_changed_seqlens_matches_eager():
+    q, kv, bt, lens = make_inputs([2000] * 4, 2, 32, seed=7)  # every table entry holds real pages
+    static_lens = lens.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up (first-call attribute setup) outside the capture
+            md, ns = torch_mla.get_metadata(static_lens, 2 * 32, 1)
+            torch_mla.decode(q, kv, bt, static_lens, causal=True, tile_scheduler_metadata=md, num_splits=ns)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        md, ns = torch_mla.get_metadata(static_lens, 2 * 32, 1)
+        out_g, lse_g = torch_mla.decode(q, kv, bt, static_lens, causal=True, tile_scheduler_metadata=md, num_splits=ns)
+        out_i, lse_i = torch_mla.decode(q, kv, bt, static_lens, causal=True)  # plans internally
+    for new in ([700, 64, 1, 2000], [2, 1000, 0, 1999], [64, 64, 64, 64], [1500, 3, 640, 17]):
+        static_lens.copy_(torch.tensor(new, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        out_e, lse_e = torch_mla.decode(q, kv, bt, static_lens, causal=True)
+        assert torch.equal(out_g, out_e) and torch.equal(lse_g, lse_e)
+        assert torch.equal(out_i, out_e) and torch.equal(lse_i, lse_e)
+
+
+def test_torch_compile_reduce_overhead_matches_eager():
+    q, kv, bt, lens = make_inputs([3000] * 3, 1, 128, seed=9)
+
+    def step(q, kv, bt, lens):
+        md, ns = torch.ops.mla.get_metadata(lens, q.shape[1] * q.shape[2], 1)
+        return torch.ops.mla.decode(q, kv, bt, lens, 512, None, True, md, ns)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    static_lens = lens.clone()
+    for new in ([900, 65, 3000], [1, 2, 3], [64, 4000 - 64 * 60, 1000]):
+        static_lens.copy_(torch.tensor(new, dtype=torch.int32))
+        out_c, lse_c = compiled(q, kv, bt, static_lens)
+        out_e, lse_e = step(q, kv, bt, static_lens)
+        assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_write_cache_matches_reference(dtype, slot_dtype):
+    g = torch.Generator().manual_seed(1)
+    num_blocks, tokens = 6, 150
+    cache = torch.randn(num_blocks, 64, 1, 576, generator=g).to(dtype)
+    kv_c = torch.randn(tokens, 700, generator=g).to(dtype)[:, :512]  # a row stride != 512
+    k_pe = torch.randn(tokens, 64, generator=g).to(dtype)
+    slots = torch.randperm(num_blocks * 64, generator=g)[:tokens]
+    slots[::7] = -1
+    slots = slots.to(slot_dtype)
+    expected = cache.clone()
+    torch_mla.reference.write_cache(kv_c, k_pe, expected, slots)
+    got = cache.cuda()
+    torch_mla.write_cache(kv_c.cuda(), k_pe.cuda(), got, slots.cuda())
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_write_cache_then_decode_sees_the_new_tokens():
+    q, kv, bt, lens = make_inputs([130], 1, 16, seed=2)
+    new_c = torch.randn(3, 512, device="cuda").bfloat16()
+    new_pe = torch.randn(3, 64, device="cuda").bfloat16()
+    pos = torch.arange(130, 133, device="cuda")
+    slots = bt[0, pos // 64].long() * 64 + pos % 64
+    torch_mla.write_cache(new_c, new_pe, kv, slots)
+    lens2 = torch.tensor([133], dtype=torch.int32, device="cuda")
+    out, lse = torch_mla.decode(q, kv, bt, lens2)
+    ref_out, ref_lse = naive_decode(q, kv, bt, lens2)
+    assert (out.cpu().double() - ref_out).norm() / ref_out.norm() <= OUT_REL

@@ -1,0 +1,89 @@
+"""The CUDA impls reject bad input with exactly the message of ops.py's Python rules.
+
+For each case of tests/test_validation.py, the arguments are built on the GPU and broken the
+same way; the message the C++ kernel raises must equal the one ops.check_decode_args raises on
+the same arguments. Then the checks only the Hopper kernel makes.
+"""
+
+import re
+
+import pytest
+import torch
+
+import torch_mla
+from torch_mla import ops
+from test_validation import DECODE_CASES, call_decode, valid_decode_args
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda_args():
+    return {k: v.cuda() for k, v in valid_decode_args().items()}
+
+
+def _python_message(a):
+    with pytest.raises(ValueError) as info:
+        ops.check_decode_args(a["q"], a["kv_cache"], a["block_table"], a["cache_seqlens"], a.get("head_dim_v", 512),
+                              a.get("softmax_scale"), a.get("tile_scheduler_metadata"), a.get("num_splits"))
+    return str(info.value)
+
+
+CUDA_CASES = dict(DECODE_CASES)
+CUDA_CASES["devices mixed"] = (lambda a: {**a, "block_table": a["block_table"].cpu()}, "block_table is on cpu but q is on cuda")
+CUDA_CASES["nan scale"] = (lambda a: {**a, "softmax_scale": float("nan")}, "softmax_scale must be a positive finite number, got nan")
+CUDA_CASES["tiny scale"] = (lambda a: {**a, "softmax_scale": -1e-05}, "got -1e-05")
+
+
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+def test_cuda_error_message_equals_python_message(case):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert torch_mla.has_cuda_kernel()
+    break_args, fragment = CUDA_CASES[case]
+    args = break_args(_cuda_args())
+    # metadata given in a case lives on the CPU: move it next to q
+    for k in ("tile_scheduler_metadata", "num_splits"):
+        if args.get(k) is not None:
+            args[k] = args[k].cuda()
+    expected = _python_message(args)
+    assert fragment in expected
+    with pytest.raises(ValueError) as info:
+        call_decode(**args)
+    assert str(info.value) == expected
+
+
+def test_cuda_only_rules_have_clear_messages():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    a = _cuda_args()
+    with pytest.raises(ValueError, match=re.escape("mla.decode: q must be bfloat16 or float16 on CUDA, got float32")):
+        call_decode(**{**a, "q": a["q"].float(), "kv_cache": a["kv_cache"].float()})
+    kv32 = a["kv_cache"].reshape(-1, 32, 1, 576)
+    with pytest.raises(ValueError, match=re.escape("mla.decode: kv_cache must have block_size (size 1) 64 on CUDA, got 32")):
+        call_decode(**{**a, "kv_cache": kv32})
+
+
+def test_cuda_get_metadata_and_write_cache_messages_equal_python():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    lens = torch.tensor([3, 4], dtype=torch.int32, device="cuda")
+    for args in ((lens.long(), 16, 1), (lens, 0, 1), (lens, 16, 2), (lens[None], 16, 1)):
+        with pytest.raises(ValueError) as py:
+            ops.check_get_metadata_args(*args)
+        with pytest.raises(ValueError) as cu:
+            torch.ops.mla.get_metadata(*args)
+        assert str(cu.value) == str(py.value)
+    base = dict(kv_c=torch.randn(2, 512), k_pe=torch.randn(2, 64), kv_cache=torch.zeros(2, 64, 1, 576),
+                slot_mapping=torch.tensor([0, 1]))
+    bad = [dict(kv_c=torch.randn(2, 500)), dict(k_pe=torch.randn(2, 32)), dict(kv_c=torch.randn(2, 512).half()),
+           dict(slot_mapping=torch.tensor([0.0, 1.0])), dict(slot_mapping=torch.tensor([0, 1, 2])),
+           dict(kv_cache=torch.zeros(2, 64, 576)), dict(kv_c=torch.randn(2, 512, requires_grad=True))]
+    for change in bad:
+        args = {k: v.cuda() for k, v in {**base, **change}.items()}
+        if change.get("kv_c") is not None and change["kv_c"].requires_grad:
+            args["kv_c"] = change["kv_c"].detach().cuda().requires_grad_()
+        with pytest.raises(ValueError) as py:
+            ops.check_write_cache_args(**args)
+        with pytest.raises(ValueError) as cu:
+            torch.ops.mla.write_cache(args["kv_c"], args["k_pe"], args["kv_cache"], args["slot_mapping"])
+        assert str(cu.value) == str(py.value)
