@@ -18,45 +18,51 @@ def tiny_model(device="cpu", dtype=torch.float32) -> Transformer:
     return Transformer(PRESETS["tiny"]).init_random(seed=3, std=0.1).to(device=device, dtype=dtype).eval()
 
 
-def prefilled_cache(model, batch=4):
-    cache = PagedKVCache(model.args.n_layers, num_blocks=12, max_batch_size=batch, max_seq_len=192)
+@pytest.fixture(scope="module")
+def compiled():
+    """One compiled generator for the module: batch 4, 2 blocks per row (the CLI bench test's shapes,
+    so a warm inductor cache serves both)."""
+    torch._dynamo.reset()
+    counters.clear()
+    return Generator(tiny_model(), max_batch_size=4, max_seq_len=128, compile=True)
+
+
+def prefill_rows(model, cache):
+    cache.reset()
     for row, p in enumerate(PROMPTS):
         cache.reserve(row, len(p) + 16)
-    logits = prefill(model, cache, PROMPTS)
-    return cache, logits.argmax(-1)
+    return prefill(model, cache, PROMPTS).argmax(-1)
 
 
 @torch.no_grad()
-def test_compiled_decode_step_matches_eager_without_recompiling():
-    torch._dynamo.reset()
-    counters.clear()
-    model = tiny_model()
-    eager_cache, first = prefilled_cache(model)
-    compiled_cache, _ = prefilled_cache(model)
-    step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+def test_compiled_decode_step_matches_eager_without_recompiling(compiled):
+    model = compiled.model
+    eager_cache = PagedKVCache(model.args.n_layers, num_blocks=8, max_batch_size=4, max_seq_len=128)
+    first = prefill_rows(model, eager_cache)
+    prefill_rows(model, compiled.cache)
     tokens = torch.cat([first, torch.zeros(1, dtype=torch.long)])
     positions = torch.tensor([len(p) for p in PROMPTS] + [-1])  # row 3 idle; row 0 crosses into block 2
     for i in range(8):
         expected = decode_step(model, eager_cache.kv, eager_cache.block_table, tokens, positions)
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
-            got = step(model, compiled_cache.kv, compiled_cache.block_table, tokens, positions)
+            got = compiled.step(model, compiled.cache.kv, compiled.cache.block_table, tokens, positions)
         torch.testing.assert_close(got[:3], expected[:3], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(compiled_cache.kv, eager_cache.kv, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled.cache.kv, eager_cache.kv, rtol=1e-5, atol=1e-5)
         tokens = torch.cat([expected[:3].argmax(-1), torch.zeros(1, dtype=torch.long)])
         positions[:3] += 1
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_compiled_generation_gives_eager_tokens_and_never_recompiles():
-    torch._dynamo.reset()
-    model = tiny_model()
-    eager = Generator(model, max_batch_size=4, max_seq_len=160, compile=False).generate(PROMPTS, 12)
-    gen = Generator(model, max_batch_size=4, max_seq_len=160, compile=True)
-    assert gen.generate(PROMPTS, 12).tokens == eager.tokens
+def test_compiled_generation_gives_eager_tokens_and_never_recompiles(compiled):
+    model = compiled.model
+    with torch._dynamo.config.patch(error_on_recompile=counters["stats"]["unique_graphs"] > 0):
+        got = compiled.generate(PROMPTS, 12)
+    assert got.tokens == Generator(model, 4, 128, compile=False).generate(PROMPTS, 12).tokens
     other = [p[:20] for p in PROMPTS] + [PROMPTS[0]]  # other lengths, full batch: same graph
     with torch._dynamo.config.patch(error_on_recompile=True):
-        again = gen.generate(other, 40)
-    assert again.tokens == Generator(model, 4, 160, compile=False).generate(other, 40).tokens
+        again = compiled.generate(other, 40)
+    assert again.tokens == Generator(model, 4, 128, compile=False).generate(other, 40).tokens
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.gpu
