@@ -177,3 +177,25 @@ def test_checkpoint_config_is_mapped(models):
     assert a.q_lora_rank == (config["q_lora_rank"] or 0)
     assert a.score_func == ("sigmoid" if config["model_type"] == "deepseek_v3" else "softmax")
     assert load_tokenizer(str(path)) is None  # no tokenizer files were written
+
+
+def test_block_fp8_weights_are_dequantized(tmp_path):
+    """DeepSeek-V3's release format: fp8 weights with a ``weight_scale_inv`` per 128 x 128 block."""
+    from safetensors.torch import load_file, save_file
+
+    make_hf_model("v3-yarn").save_pretrained(tmp_path)
+    shard = tmp_path / "model.safetensors"
+    tensors = load_file(shard)
+    expected = {}
+    for name in ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.1.self_attn.q_b_proj.weight"):
+        w = tensors[name]
+        rows = -(-w.shape[0] // 128)
+        scale = torch.rand(rows, -(-w.shape[1] // 128)) + 0.5
+        full = scale.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+        q = (w / full).to(torch.float8_e4m3fn)
+        tensors[name], tensors[name + "_scale_inv"] = q, scale
+        expected[name] = q.float() * full
+    save_file(tensors, shard, metadata={"format": "pt"})
+    ours = load_checkpoint(str(tmp_path))
+    assert torch.equal(ours.layers[0].attn.wkv_a.weight, expected["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"])
+    assert torch.equal(ours.layers[1].attn.wq_b.weight, expected["model.layers.1.self_attn.q_b_proj.weight"])

@@ -14,6 +14,7 @@ CUDA graph (``mode="reduce-overhead"``) and replayed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -268,9 +269,7 @@ def build_model(preset: str, checkpoint: str | None, device: torch.device, dtype
         return model, load_tokenizer(checkpoint)
     args = PRESETS[preset]
     if max_seq_len and max_seq_len > args.max_seq_len:
-        from .models.deepseek import replace
-
-        args = replace(args, max_seq_len=max_seq_len)
+        args = dataclasses.replace(args, max_seq_len=max_seq_len)
     model = Transformer(args).init_random(seed).to(device=device, dtype=dtype).eval()
     model.reset_rope()  # keep the RoPE tables in float32 whatever the model dtype
     return model, None

@@ -20,7 +20,6 @@ for the small models this file is for; a large model wants a grouped-GEMM dispat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -481,15 +480,14 @@ _DIRECT = {  # Hugging Face name (after "model.layers.N.") -> ours (after "layer
 _EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
-def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Block-wise fp8 weights (DeepSeek-V3's release format): each block times its ``weight_scale_inv``."""
     rows, cols = weight.shape
-    br, bc = -(-rows // scale_inv.shape[0]), -(-cols // scale_inv.shape[1])
-    scale = scale_inv.float().repeat_interleave(br, 0)[:rows].repeat_interleave(bc, 1)[:, :cols]
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
     return weight.float() * scale
 
 
-def _hf_tensors(path: str):
+def _hf_tensors(path: str, fp8_block: tuple[int, int]):
     """Yield ``(name, tensor)`` of every safetensors shard in the folder, fp8 weights dequantized."""
     from safetensors import safe_open
 
@@ -504,7 +502,7 @@ def _hf_tensors(path: str):
         tensor = h.get_tensor(name)
         scale_name = name + "_scale_inv"
         if scale_name in where:
-            tensor = _dequantize_fp8(tensor, where[scale_name].get_tensor(scale_name))
+            tensor = _dequantize_fp8(tensor, where[scale_name].get_tensor(scale_name), fp8_block)
         yield name, tensor
 
 
@@ -517,11 +515,12 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: torch.
     prediction layer). Raises if any parameter of the model is left unset.
     """
     with open(os.path.join(path, "config.json")) as f:
-        args = args_from_hf_config(json.load(f), max_seq_len)
+        config = json.load(f)
+    args = args_from_hf_config(config, max_seq_len)
+    fp8_block = tuple((config.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args).to(dtype)  # cast while on meta: no memory is touched yet
     model.to_empty(device=device)
-    model.to(dtype)
     model.reset_rope()
     params = dict(model.named_parameters())
     unset = set(params)
@@ -536,7 +535,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: torch.
         unset.discard(name)
 
     expert_parts: dict[str, int] = {}
-    for name, tensor in _hf_tensors(path):
+    for name, tensor in _hf_tensors(path, fp8_block):
         if name == "model.embed_tokens.weight":
             put("embed.weight", tensor)
         elif name == "model.norm.weight":
@@ -592,7 +591,3 @@ def describe(args: ModelArgs) -> str:
     """One line: the size of the model."""
     fields = ("dim", "n_layers", "n_heads", "n_routed_experts", "n_activated_experts", "vocab_size")
     return ", ".join(f"{f}={getattr(args, f)}" for f in fields)
-
-
-def replace(args: ModelArgs, **changes) -> ModelArgs:
-    return dataclasses.replace(args, **changes)
