@@ -19,7 +19,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -55,14 +54,14 @@ std::string py_dtype(at::ScalarType t) {
   }
 }
 
-// Python's repr of a tuple of ints: (), (5,), (2, 4, 576).
+// Python's repr of a tuple of ints: (), (5,), (2, 4, 576). Plain string concatenation: the
+// extension may be built with another libstdc++ than torch, and iostreams across that
+// boundary crashed (seen with torch 2.11 on the H100 machine).
 std::string py_tuple(at::IntArrayRef v) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
-  if (v.size() == 1) s << ",";
-  s << ")";
-  return s.str();
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  if (v.size() == 1) s += ",";
+  return s + ")";
 }
 
 // Python's repr of a float: the shortest string that reads back exactly.
