@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = Generator(model, len(prompts), max_seq_len, compile=opts.compile, cuda_graphs=opts.cuda_graphs,
                     prefill_chunk=opts.prefill_chunk)
+    if opts.compile:
+        print("compiling the decode step on its first call (about 30 s on a 2-core CPU the first time, "
+              "then cached; --no-compile skips it)", file=sys.stderr, flush=True)
     result = gen.generate(prompts, opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed, eos_id,
                           progress=opts.max_new_tokens >= 256)
     for i, (p, toks) in enumerate(zip(prompts, result.tokens)):
