@@ -112,3 +112,14 @@ def test_cli_loads_a_checkpoint_with_its_tokenizer(tmp_path):
                   "--max-new-tokens", "4", "--no-compile")
     assert "[0] prompt (4 tokens)" in out and "[1] prompt (1 tokens)" in out
     assert "'w" in out  # decoded text
+
+
+def test_progress_falls_back_to_plain_lines_without_tqdm(model, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
+    eager(model).generate(PROMPTS, 11, progress=True)
+    assert "decode 10/10" in capsys.readouterr().err
+
+
+def test_cli_reads_text_as_bytes_without_a_tokenizer():
+    out = run_cli("--preset", "tiny", "--device", "cpu", "--prompt", "héllo", "--max-new-tokens", "2", "--no-compile")
+    assert "[0] prompt (6 tokens) -> 2 new tokens" in out
