@@ -1,0 +1,95 @@
+"""On the GPU, every mla op call the decoder makes gives the reference's result on the same inputs.
+
+The decoder's own calls reach shapes the kernel tests choose by hand only in part: long causal
+prefill chunks (s_q in the hundreds, thousands of query rows), several chunks over one cache,
+prompts of equal length batched together, and a decode batch with an idle row. Comparing
+the CUDA-graph tokens with eager tokens cannot find a kernel error here, because both run the same
+kernel; so each ``mla.decode`` call is intercepted (a TorchDispatchMode, eager generation) and
+checked against ``torch_mla.reference.decode`` in float32 on that call's inputs, and each
+``mla.write_cache`` call against the rows it had to write. Tolerances as in test_cuda_decode.py.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torch_mla
+from torch_mla.generate import Generator
+from torch_mla.models.deepseek import PRESETS, Transformer
+
+OUT_REL = 1e-2  # ||out - ref|| / ||ref|| per sequence: two bf16 roundings (P, out)
+LSE_ATOL = 1e-3
+
+
+class CheckEveryMlaCall(TorchDispatchMode):
+    """Runs each mla op as usual, then checks its result against the reference on the same inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.decode_calls: list[tuple[int, int, int, bool]] = []  # (batch, s_q, h_q, causal)
+        self.write_calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.mla.decode.default:
+            out, lse = func(*args, **kwargs)
+            self.check_decode(out, lse, *args, **kwargs)
+            return out, lse
+        if func is torch.ops.mla.write_cache.default:
+            result = func(*args, **kwargs)
+            self.check_write(*args, **kwargs)
+            return result
+        return func(*args, **kwargs)
+
+    def check_decode(self, out, lse, q, kv_cache, block_table, cache_seqlens, head_dim_v=512, softmax_scale=None,
+                     causal=False, tile_scheduler_metadata=None, num_splits=None):
+        b, s_q, h_q, _ = q.shape
+        self.decode_calls.append((b, s_q, h_q, bool(causal and s_q > 1)))
+        scale = 576 ** -0.5 if softmax_scale is None else softmax_scale
+        ref_out, ref_lse = torch_mla.reference.decode(q.float(), kv_cache.float(), block_table, cache_seqlens,
+                                                      head_dim_v, scale, causal)
+        assert not out.isnan().any() and not lse.isnan().any(), f"NaN in a decode call {self.decode_calls[-1]}"
+        for row, length in enumerate(cache_seqlens.tolist()):
+            if length == 0:
+                assert (out[row] == 0).all(), "an idle row's output must be 0"
+                continue
+            err = (out[row].float() - ref_out[row]).norm() / ref_out[row].norm().clamp_min(1e-30)
+            assert err <= OUT_REL, f"decode call {self.decode_calls[-1]}, row {row} (len {length}): rel error {err:.2e}"
+            torch.testing.assert_close(lse[row], ref_lse[row], rtol=0, atol=LSE_ATOL)
+
+    def check_write(self, kv_c, k_pe, kv_cache, slot_mapping):
+        self.write_calls += 1
+        keep = slot_mapping >= 0
+        rows = kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep].long()]
+        assert torch.equal(rows, torch.cat([kv_c[keep], k_pe[keep]], dim=-1)), "write_cache wrote other rows"
+
+
+PROMPT_LENS = (200, 200, 333, 60, 9)  # two equal lengths: one causal call with batch 2
+
+
+def prompts():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def run_checked(device: str, dtype: torch.dtype, chunk: int) -> CheckEveryMlaCall:
+    # 16 heads: the query-row tiling of V3-style models; the rest is the tiny preset
+    args = dataclasses.replace(PRESETS["tiny"], n_heads=16)
+    model = Transformer(args).init_random(seed=3, std=0.1).to(device=device, dtype=dtype).eval().keep_float32_parts()
+    gen = Generator(model, max_batch_size=len(PROMPT_LENS) + 1, max_seq_len=400, compile=False, prefill_chunk=chunk)
+    mode = CheckEveryMlaCall()
+    with torch.no_grad(), mode:
+        gen.generate(prompts(), 8)  # the last batch row stays idle in every decode step
+    return mode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [512, 64])
+def test_every_kernel_call_of_the_decoder_matches_the_reference(chunk):
+    mode = run_checked("cuda", torch.bfloat16, chunk)
+    assert mode.write_calls > 0
+    longest = max(s_q for _, s_q, _, _ in mode.decode_calls)
+    assert longest == (333 if chunk == 512 else 64)  # the long causal prefill calls did run
+    assert (6, 1, 16, False) in mode.decode_calls  # decode steps with the idle row
