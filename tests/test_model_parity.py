@@ -199,3 +199,13 @@ def test_block_fp8_weights_are_dequantized(tmp_path):
     ours = load_checkpoint(str(tmp_path))
     assert torch.equal(ours.layers[0].attn.wkv_a.weight, expected["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"])
     assert torch.equal(ours.layers[1].attn.wq_b.weight, expected["model.layers.1.self_attn.q_b_proj.weight"])
+
+
+def test_bf16_load_keeps_router_bias_and_rope_tables_in_float32(models):
+    hf, _, path = models
+    ours = load_checkpoint(str(path), dtype=torch.bfloat16)
+    assert ours.embed.weight.dtype == torch.bfloat16
+    assert ours.rope_cos.dtype == ours.rope_sin.dtype == torch.float32
+    for hf_layer, layer in zip(hf.model.layers, ours.layers):
+        if getattr(layer.ffn, "gate", None) is not None and layer.ffn.gate.bias is not None:
+            assert torch.equal(layer.ffn.gate.bias, hf_layer.mlp.gate.e_score_correction_bias)

@@ -270,8 +270,7 @@ def build_model(preset: str, checkpoint: str | None, device: torch.device, dtype
     args = PRESETS[preset]
     if max_seq_len and max_seq_len > args.max_seq_len:
         args = dataclasses.replace(args, max_seq_len=max_seq_len)
-    model = Transformer(args).init_random(seed).to(device=device, dtype=dtype).eval()
-    model.reset_rope()  # keep the RoPE tables in float32 whatever the model dtype
+    model = Transformer(args).init_random(seed).to(device=device, dtype=dtype).eval().keep_float32_parts()
     return model, None
 
 

@@ -342,11 +342,17 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def reset_rope(self) -> None:
-        """Recompute the RoPE tables (after ``to_empty`` from the meta device)."""
+    def keep_float32_parts(self) -> "Transformer":
+        """Put back in float32 what must not be rounded to a bf16/fp16 model dtype: the RoPE tables
+        (recomputed, which also fills them after ``to_empty``) and the router biases, which only
+        shift top-k choices by small amounts (transformers keeps them in float32 too)."""
         cos, sin = rope_tables(self.args)
         self.rope_cos = cos.to(self.rope_cos.device)
         self.rope_sin = sin.to(self.rope_sin.device)
+        for module in self.modules():
+            if isinstance(module, Gate) and module.bias is not None:
+                module.bias.data = module.bias.data.float()
+        return self
 
     @torch.no_grad()
     def init_random(self, seed: int = 0, std: float = 0.02) -> "Transformer":
@@ -521,7 +527,7 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: torch.
     with torch.device("meta"):
         model = Transformer(args).to(dtype)  # cast while on meta: no memory is touched yet
     model.to_empty(device=device)
-    model.reset_rope()
+    model.keep_float32_parts()
     params = dict(model.named_parameters())
     unset = set(params)
     a = args
