@@ -1,15 +1,22 @@
-// Hopper (sm90a) split-KV MLA decode kernel.
+// Hopper (sm90a) split-KV MLA decode kernel, v2: three warpgroups.
 //
-// One CTA = one 64-row query tile (rows = s_q * h_q flattened, row = s * h_q + h, padded to 64
-// by TMA's zero fill) x one scheduler stretch of KV pages (see csrc/common/scheduler.cu).
-// 256 threads = two consumer warpgroups. Per 64-token page:
-//   S  = Q . K^T        wgmma m64n32k16, 36 k-steps; warpgroup w computes tokens [32w, 32w+32)
-//   online softmax      row max exchanged between the two warpgroups through shared memory
-//   P (bf16/fp16)       written to shared memory (128B-swizzled, K-major), both halves
-//   O += P . V          wgmma m64n256k16, 4 k-steps; warpgroup w owns V dims [256w, 256w+256)
-// Q (72 KB) and two KV stages (72 KB each) live in shared memory; pages arrive by TMA
-// (cp.async.bulk.tensor, 9 boxes of 64x64 with 128B swizzle per page) on mbarriers, the load of
-// page i+2 issued as soon as page i is consumed. fp32 accumulation throughout.
+// One CTA = one 64-row query tile (rows = s_q * h_q flattened, row = s * h_q + h, zero-padded
+// to 64) x one scheduler stretch of KV pages (csrc/common/scheduler.cu), walked page by page
+// across the sequences of the stretch. 384 threads, three roles:
+//   WG0 (score warpgroup, 152 regs): per sequence, the Q tile into shared memory (128B
+//       swizzle); per page: S = Q . K^T (wgmma m64n64k16, both operands in shared memory,
+//       36 k-steps), mask, online softmax for all 64 rows, P (bf16/fp16) written over the
+//       page's K-RoPE chunk (dead once S is done; same 64 x 64 swizzled tile), the per-row O
+//       rescale factor (and 1 / row sum on a sequence's last page) into the stage's slot.
+//   WG1, WG2 (value warpgroups, 176 regs): each owns 256 of the 512 output dims:
+//       O = O * rescale + P . V (wgmma m64n256k16, 4 k-steps), epilogue per sequence.
+//       Thread 128 is the TMA producer: it refills a stage as soon as both have finished with it.
+// S of page i+1 (WG0) runs on the tensor cores while P.V of page i (WG1/2) does.
+// Shared memory: Q (72 KB), two 72 KB KV stages (TMA, 9 boxes of 64 x 64 with 128B swizzle),
+// 1 KB of row factors, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
+// empty (WG1/2's 256 threads). fp32 accumulation throughout.
+// (Q in WG0's registers, which would free 72 KB for a third stage, does not fit: WG0 then needs
+// ~210 registers and each value warpgroup 160, over the 3 x 168 the CTA has.)
 
 #pragma once
 
@@ -25,25 +32,29 @@
 
 namespace mla::sm90 {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 384;                       // three warpgroups
 constexpr int kChunkCols = 64;                      // columns per TMA box / swizzle atom row
 constexpr int kChunks = kHeadDim / kChunkCols;      // 9
 constexpr int kChunkBytes = kChunkCols * 64 * 2;    // 8 KB: 64 rows x 128 B
 constexpr int kPageBytes = kChunks * kChunkBytes;   // 72 KB
 constexpr int kStages = 2;
+constexpr int kKSteps = kHeadDim / 16;              // 36
+constexpr int kRegsScore = 152, kRegsValue = 176;   // setmaxnreg; 152 + 2 * 176 = 3 * 168
 
 // Shared memory map (offsets from a 1024-byte aligned base).
-constexpr int kSmemQ = 0;
+// A stage's last chunk (the RoPE columns of K) is dead once S of its page is done; P of that
+// page (64 x 64, the same 128B-swizzled K-major tile) is written there.
+constexpr int kSmemQ = 0;                              // Q tile, 9 swizzled 64 x 64 chunks
 constexpr int kSmemKV = kSmemQ + kPageBytes;
-constexpr int kSmemP = kSmemKV + kStages * kPageBytes;
-constexpr int kSmemRowMax = kSmemP + kChunkBytes;     // float [2][64]
-constexpr int kSmemRowSum = kSmemRowMax + 2 * 64 * 4; // float [2][64]
-constexpr int kSmemBar = kSmemRowSum + 2 * 64 * 4;    // uint64 [kStages + 1]
-constexpr int kSmemUsed = kSmemBar + (kStages + 1) * 8;
+constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
+constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
+constexpr int kSmemBar = kSmemInvL + kStages * 64 * 4;    // uint64 [3][kStages]: full, p_full, empty
+constexpr int kSmemUsed = kSmemBar + 3 * kStages * 8;
 constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
 struct Params {
+  const void* q;
   const int32_t* block_table;
   const int32_t* cache_seqlens;
   const int32_t* metadata;
@@ -103,7 +114,8 @@ __device__ __forceinline__ void named_barrier(int id, int count) {
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
@@ -129,12 +141,14 @@ template <typename T>
 struct Gmma;
 template <>
 struct Gmma<__nv_bfloat16> {
-  using QK = cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QKs = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 template <>
 struct Gmma<__half> {
-  using QK = cute::SM90::GMMA::MMA_64x32x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QKs = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 
@@ -143,6 +157,24 @@ __device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float (&d)[N],
                                         std::index_sequence<I...>) {
   Atom::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
+
+template <class Atom, int N, size_t... I>
+__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[N], bool accumulate,
+                                        std::index_sequence<I...>) {
+  Atom::fma(a[0], a[1], a[2], a[3], db, d[I]...,
+            accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void reg_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void reg_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b);
@@ -159,227 +191,293 @@ __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
 
 // ------------------------------------------------------------------ the kernel
 
+
+__device__ __forceinline__ int pages_in(int seqlen) { return seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 0; }
+
+// Walks the (sequence, page) pairs of one scheduler stretch in order, skipping empty sequences.
+struct Stretch {
+  int begin_b, begin_page, end_b, end_page;
+};
+struct Cursor {
+  int b, page, hi;  // sequence, page, one past the last page of b in the stretch; b > end_b: done
+};
+
+__device__ __forceinline__ void settle(Cursor& c, const Stretch& st, const int32_t* __restrict__ seqlens) {
+  while (c.b <= st.end_b) {
+    const int lo = c.b == st.begin_b ? st.begin_page : 0;
+    const int hi = c.b == st.end_b ? st.end_page : pages_in(seqlens[c.b]);
+    if (lo < hi) {
+      c.page = lo;
+      c.hi = hi;
+      return;
+    }
+    ++c.b;
+  }
+}
+__device__ __forceinline__ void advance(Cursor& c, const Stretch& st, const int32_t* __restrict__ seqlens) {
+  if (++c.page >= c.hi) {
+    ++c.b;
+    settle(c, st, seqlens);
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
+    decode_kernel(const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   using QK = typename Gmma<T>::QK;
+  using QKs = typename Gmma<T>::QKs;
   using PV = typename Gmma<T>::PV;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t s_base = smem_addr(smem);
-  const uint32_t s_q = s_base + kSmemQ, s_kv = s_base + kSmemKV, s_p = s_base + kSmemP;
-  float* row_max = reinterpret_cast<float*>(smem + kSmemRowMax);
-  float* row_sum = reinterpret_cast<float*>(smem + kSmemRowSum);
-  const uint32_t bar_kv = s_base + kSmemBar;  // + 8 * stage
-  const uint32_t bar_q = s_base + kSmemBar + 8 * kStages;
+  const uint32_t s_kv = s_base + kSmemKV, s_q = s_base + kSmemQ;
+  float* scale_s = reinterpret_cast<float*>(smem + kSmemScale);
+  float* inv_l_s = reinterpret_cast<float*>(smem + kSmemInvL);
+  const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * stage: the page has landed (TMA)
+  const uint32_t bar_pfull = bar_full + 8 * kStages;            // P and row factors written (WG0, 128 arrivals)
+  const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int m_tile = blockIdx.x;
   const int32_t* meta = p.metadata + blockIdx.y * kMetadataSize;
-  const int begin_b = meta[0], begin_page = meta[1], end_b = meta[2], end_page = meta[3], begin_split = meta[4];
-  if (begin_b >= p.batch) return;
+  const Stretch st{meta[0], meta[1], meta[2], meta[3]};
+  const int begin_split = meta[4];
+  if (st.begin_b >= p.batch) return;
+  Cursor cur{st.begin_b, 0, 0};
+  settle(cur, st, p.cache_seqlens);
+  if (cur.b > st.end_b) return;  // nothing to do (every thread agrees)
 
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) mbar_init(bar_kv + 8 * s, 1);
-    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_full + 8 * s, 1);
+      mbar_init(bar_pfull + 8 * s, 128);
+      mbar_init(bar_empty + 8 * s, 256);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     fence_proxy_async();
   }
   __syncthreads();
 
-  uint32_t kv_phase = 0;  // bit s: parity to wait for on stage s
-  uint32_t q_phase = 0;
-  // This thread's accumulator rows within the tile (wgmma D layout): r0 and r0 + 8.
+  // This thread's accumulator rows within the tile (wgmma D / A-fragment layout): r0 and r0 + 8.
   const int r0 = warp * 16 + lane / 4;
   const int col_base = 2 * (lane % 4);
 
-  for (int b = begin_b; b <= end_b; ++b) {
-    const int seqlen = p.cache_seqlens[b];
-    const int n_pages = seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 0;
-    const int page_lo = b == begin_b ? begin_page : 0;
-    const int page_hi = b == end_b ? end_page : n_pages;
-    if (page_lo >= page_hi) continue;
-    const int split = b == begin_b ? begin_split : 0;
-    const int split_base = p.num_splits[b];
-    const int n_splits = p.num_splits[b + 1] - split_base;
-    const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
-
-    __syncthreads();  // the previous sequence is done with Q and both stages
-    if (tid == 0) {
-      mbar_expect_tx(bar_q, kPageBytes);
-      for (int c = 0; c < kChunks; ++c) tma_load_3d(s_q + c * kChunkBytes, &tmap_q, bar_q, c * kChunkCols, m_tile * 64, b);
-      for (int s = 0; s < kStages && page_lo + s < page_hi; ++s) {
-        const int block = table[page_lo + s];
-        mbar_expect_tx(bar_kv + 8 * s, kPageBytes);
-        for (int c = 0; c < kChunks; ++c)
-          tma_load_2d(s_kv + s * kPageBytes + c * kChunkBytes, &tmap_kv, bar_kv + 8 * s, c * kChunkCols, block * kPageSize);
-      }
-    }
-
-    // Last key index + 1 each of this thread's rows may see.
+  if (wg == 0) {
+    // ============================ score warpgroup: Q to shared memory per sequence; S, softmax, P
+    reg_dealloc<kRegsScore>();
+    float m[2], l[2];
     int limit[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m_tile * 64 + r0 + 8 * h;
-      const int sq = row / p.h_q;
-      limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
-    }
-
-    float o[128];
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-    mbar_wait(bar_q, q_phase);
-    q_phase ^= 1;
-
-    for (int page = page_lo; page < page_hi; ++page) {
-      const int stage = (page - page_lo) % kStages;
-      const uint32_t s_stage = s_kv + stage * kPageBytes;
-      mbar_wait(bar_kv + 8 * stage, (kv_phase >> stage) & 1);
-      kv_phase ^= 1u << stage;
-
-      const int valid = seqlen - page * kPageSize;  // tokens of this page in the sequence
-      if (valid < kPageSize) {
-        // Rows past the sequence hold anything (NaN too); P is 0 there but 0 * NaN = NaN in P.V.
-        uint8_t* stage_ptr = smem + kSmemKV + stage * kPageBytes;
-        const int n_zero = (kPageSize - valid) * (kHeadDimV / kChunkCols) * 8;  // 16-byte units
-        for (int u = tid; u < n_zero; u += kThreads) {
-          const int chunk = u / ((kPageSize - valid) * 8);
-          const int rem = u % ((kPageSize - valid) * 8);
-          const int row = valid + rem / 8;
-          *reinterpret_cast<uint4*>(stage_ptr + chunk * kChunkBytes + row * 128 + (rem % 8) * 16) = make_uint4(0, 0, 0, 0);
+    int prev_b = -1;
+#pragma unroll 1
+    for (int g = 0; cur.b <= st.end_b; ++g) {
+      const int b = cur.b, page = cur.page;
+      const bool last = page + 1 == cur.hi;
+      const int seqlen = p.cache_seqlens[b];
+      if (b != prev_b) {  // a new sequence: its Q tile into shared memory, fresh softmax state
+        prev_b = b;
+        const int row0 = m_tile * 64 + r0;
+        named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
+        // Q rows into shared memory (128B swizzle, as TMA would lay them out; padding rows 0).
+        // WG0 alone reads Q, and its S of the previous sequence is complete.
+        const T* qb = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.rows + m_tile * 64) * kHeadDim;
+#pragma unroll 4
+        for (int i = 0; i < 36; ++i) {
+          const int u = tid + 128 * i, row = u / 72, cu = u % 72, chunk = cu / 8, c16 = cu % 8;
+          const uint4 val = m_tile * 64 + row < p.rows ? __ldg(reinterpret_cast<const uint4*>(qb + row * kHeadDim) + cu)
+                                                       : make_uint4(0, 0, 0, 0);
+          *reinterpret_cast<uint4*>(smem + kSmemQ + chunk * kChunkBytes + row * 128 + ((c16 ^ (row & 7)) << 4)) = val;
         }
         fence_proxy_async();
-        named_barrier(1, kThreads);
+        named_barrier(3, 128);  // WG0 only: every row written before wgmma reads them
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int sq = (row0 + 8 * h) / p.h_q;
+          limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
+          m[h] = -INFINITY;
+          l[h] = 0.f;
+        }
       }
 
-      // ---- S = Q K^T for tokens [32 wg, 32 wg + 32)
-      float s_acc[16];
-      fence_regs(s_acc);
+      // ---- S = Q K^T (64 rows x 64 tokens)
+      const int stage = g % kStages;
+      const uint32_t s_stage = s_kv + stage * kPageBytes;
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      float s[32];
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        const uint32_t koff = (kk / 4) * kChunkBytes + (kk % 4) * 32;
-        gmma_ss<QK>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff + wg * 32 * 128), s_acc, kk > 0,
-                    std::make_index_sequence<16>{});
+      for (int k = 0; k < kKSteps; ++k) {
+        const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
+        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
       }
       wgmma_commit();
-      wgmma_wait0();
-      fence_regs(s_acc);
+      wgmma_wait<0>();
+      fence_regs(s);
+      named_barrier(3, 128);  // every warp's part of S is done before the stage's rows are zeroed / P overwrites K's RoPE chunk
 
-      // ---- online softmax (log2 domain)
-      const int tok0 = page * kPageSize + wg * 32 + col_base;
+      // ---- online softmax (log2 domain); rows r0, r0 + 8; tokens 8 j + col_base + {0, 1}
+      const int tok0 = page * kPageSize + col_base;
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h = e / 2;
           const int tok = tok0 + 8 * j + (e % 2);
-          float v = s_acc[4 * j + e] * p.scale_log2;
-          v = tok < limit[h] ? v : -INFINITY;
-          s_acc[4 * j + e] = v;
+          const float v = tok < limit[h] ? s[4 * j + e] * p.scale_log2 : -INFINITY;
+          s[4 * j + e] = v;
           mx[h] = fmaxf(mx[h], v);
         }
+      float sc[2], m_use[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-      }
-      if (lane % 4 == 0) {
-        row_max[wg * 64 + r0] = mx[0];
-        row_max[wg * 64 + r0 + 8] = mx[1];
-      }
-      named_barrier(2, kThreads);
-      float scale_o[2], m_use[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float other = row_max[(wg ^ 1) * 64 + r0 + 8 * h];
-        const float m_new = fmaxf(m[h], fmaxf(mx[h], other));
+        const float m_new = fmaxf(m[h], mx[h]);
         m_use[h] = m_new == -INFINITY ? 0.f : m_new;
-        scale_o[h] = exp2f(m[h] - m_use[h]);
+        sc[h] = exp2f(m[h] - m_use[h]);
         m[h] = m_new;
-        l[h] *= scale_o[h];
+        l[h] *= sc[h];
       }
-      uint8_t* p_smem = smem + kSmemP;
+      uint32_t pk[16];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float p0 = exp2f(s_acc[4 * j + 2 * h] - m_use[h]);
-          const float p1 = exp2f(s_acc[4 * j + 2 * h + 1] - m_use[h]);
+          const float p0 = exp2f(s[4 * j + 2 * h] - m_use[h]);
+          const float p1 = exp2f(s[4 * j + 2 * h + 1] - m_use[h]);
           l[h] += p0 + p1;
-          const int row = r0 + 8 * h;
-          const int col = wg * 32 + 8 * j + col_base;  // token within the page
-          const int off = row * 128 + ((((col >> 3) ^ (row & 7))) << 4) + (col & 7) * 2;
-          *reinterpret_cast<uint32_t*>(p_smem + off) = pack2<T>(p0, p1);
+          pk[2 * j + h] = pack2<T>(p0, p1);
+        }
+
+      // ---- the rows past the sequence in a partial last page hold anything (NaN too): P is 0
+      // there, but 0 * NaN = NaN in P.V, so zero those V rows (S has read them, masked).
+      const int valid = seqlen - page * kPageSize;
+      if (valid < kPageSize) {
+        uint8_t* stage_ptr = smem + kSmemKV + stage * kPageBytes;
+        const int per_chunk = (kPageSize - valid) * 8;  // 16-byte units per chunk
+        const int n_zero = per_chunk * (kHeadDimV / kChunkCols);
+        for (int u = tid; u < n_zero; u += 128) {
+          const int chunk = u / per_chunk, rem = u % per_chunk;
+          *reinterpret_cast<uint4*>(stage_ptr + chunk * kChunkBytes + (valid + rem / 8) * 128 + (rem % 8) * 16) =
+              make_uint4(0, 0, 0, 0);
         }
       }
-#pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= scale_o[(i % 4) / 2];
-      fence_proxy_async();
-      named_barrier(3, kThreads);
 
-      // ---- O[:, 256 wg : 256 wg + 256] += P V
-      fence_regs(o);
+      // P goes where K's RoPE chunk was; the row factors to this stage's slot (P.V of the page that
+      // used this stage before is done: its refill, which this page's full barrier waited for, came
+      // after that).
+      uint8_t* p_smem = smem + kSmemKV + stage * kPageBytes + (kChunks - 1) * kChunkBytes;  // K's RoPE chunk
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = r0 + 8 * h, col = 8 * j + col_base;
+          *reinterpret_cast<uint32_t*>(p_smem + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
+              pk[2 * j + h];
+        }
+      if (lane % 4 == 0) {
+        scale_s[stage * 64 + r0] = sc[0];
+        scale_s[stage * 64 + r0 + 8] = sc[1];
+      }
+      if (last) {
+        const int n_splits = p.num_splits[b + 1] - p.num_splits[b];
+        const int split = b == st.begin_b ? begin_split : 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float total = l[h];
+          total += __shfl_xor_sync(0xffffffff, total, 1);
+          total += __shfl_xor_sync(0xffffffff, total, 2);
+          const float lse = total > 0.f ? (m[h] + log2f(total)) * 0.69314718055994531f : -INFINITY;
+          const int row = m_tile * 64 + r0 + 8 * h;
+          if (lane % 4 == 0) {
+            inv_l_s[stage * 64 + r0 + 8 * h] = total > 0.f ? 1.f / total : 0.f;
+            if (row < p.rows) {
+              if (n_splits == 1)
+                p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] =
+                    lse == -INFINITY ? INFINITY : lse;
+              else
+                p.lse_accum[static_cast<int64_t>(p.num_splits[b] + split) * p.rows + row] = lse;
+            }
+          }
+        }
+      }
+      fence_proxy_async();  // P and the zeroed rows, written by threads, are read by wgmma next
+      mbar_arrive(bar_pfull + 8 * stage);
+      advance(cur, st, p.cache_seqlens);
+    }
+  } else {
+    // ============================ value warpgroups: O[:, 256 v : 256 v + 256] += P V
+    reg_alloc<kRegsValue>();
+    const int v = wg - 1;
+    const bool producer = tid == 128;  // issues the TMA page loads, kStages ahead
+    Cursor ld = cur;
+    auto issue_load = [&](int stage) {
+      const int block = p.block_table[static_cast<int64_t>(ld.b) * p.max_blocks + ld.page];
+      mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
+#pragma unroll 1
+      for (int c = 0; c < kChunks; ++c)
+        tma_load_2d(s_kv + stage * kPageBytes + c * kChunkBytes, &tmap_kv, bar_full + 8 * stage, c * kChunkCols,
+                    block * kPageSize);
+      advance(ld, st, p.cache_seqlens);
+    };
+    if (producer)
+      for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) issue_load(s);
+
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+#pragma unroll 1
+    for (int g = 0; cur.b <= st.end_b; ++g) {
+      const int b = cur.b;
+      const bool last = cur.page + 1 == cur.hi;
+      const int stage = g % kStages;
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      mbar_wait(bar_pfull + 8 * stage, (g / kStages) & 1);
+      const float sc0 = scale_s[stage * 64 + r0], sc1 = scale_s[stage * 64 + r0 + 8];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kPageSize / 16; ++kk) {
-        gmma_ss<PV>(desc_k_major(s_p + kk * 32), desc_mn_major(s_stage + wg * 4 * kChunkBytes + kk * 16 * 128), o, true,
+      for (int kk = 0; kk < kPageSize / 16; ++kk)
+        gmma_ss<PV>(desc_k_major(s_kv + stage * kPageBytes + (kChunks - 1) * kChunkBytes + kk * 32),
+                    desc_mn_major(s_kv + stage * kPageBytes + v * 4 * kChunkBytes + kk * 16 * 128), o, true,
                     std::make_index_sequence<128>{});
-      }
       wgmma_commit();
-      wgmma_wait0();
+      wgmma_wait<0>();
       fence_regs(o);
-      named_barrier(4, kThreads);  // both warpgroups are done with this stage and with P
-
-      if (tid == 0 && page + kStages < page_hi) {
-        const int block = table[page + kStages];
-        mbar_expect_tx(bar_kv + 8 * stage, kPageBytes);
-        for (int c = 0; c < kChunks; ++c)
-          tma_load_2d(s_stage + c * kChunkBytes, &tmap_kv, bar_kv + 8 * stage, c * kChunkCols, block * kPageSize);
+      float inv[2] = {0.f, 0.f};
+      if (last) {
+        inv[0] = inv_l_s[stage * 64 + r0];
+        inv[1] = inv_l_s[stage * 64 + r0 + 8];
       }
-    }
-
-    // ---- epilogue: row sums across the quad and the two warpgroups
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      l[h] += __shfl_xor_sync(0xffffffff, l[h], 1);
-      l[h] += __shfl_xor_sync(0xffffffff, l[h], 2);
-    }
-    if (lane % 4 == 0) {
-      row_sum[wg * 64 + r0] = l[0];
-      row_sum[wg * 64 + r0 + 8] = l[1];
-    }
-    named_barrier(2, kThreads);
-    float inv[2], lse[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float total = l[h] + row_sum[(wg ^ 1) * 64 + r0 + 8 * h];
-      inv[h] = total > 0.f ? 1.f / total : 0.f;
-      lse[h] = total > 0.f ? (m[h] + log2f(total)) * 0.69314718055994531f : -INFINITY;
-    }
-
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = m_tile * 64 + r0 + 8 * h;
-      if (row >= p.rows) continue;
-      if (n_splits == 1) {
-        T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + wg * 256 + col_base;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
-        if (wg == 0 && lane % 4 == 0)
-          p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] = lse[h] == -INFINITY ? INFINITY : lse[h];
-      } else {
-        const int64_t slot_row = static_cast<int64_t>(split_base + split) * p.rows + row;
-        float* dst = p.out_accum + slot_row * kHeadDimV + wg * 256 + col_base;
-#pragma unroll
-        for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
-        if (wg == 0 && lane % 4 == 0) p.lse_accum[slot_row] = lse[h];
+      mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
+      if (producer && ld.b <= st.end_b) {  // both value warpgroups are done with the stage: refill it
+        mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);
+        issue_load(stage);
       }
+      if (last) {
+        const int split_base = p.num_splits[b];
+        const int n_splits = p.num_splits[b + 1] - split_base;
+        const int split = b == st.begin_b ? begin_split : 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m_tile * 64 + r0 + 8 * h;
+          if (row >= p.rows) continue;
+          if (n_splits == 1) {
+            T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + v * 256 + col_base;
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+              *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+          } else {
+            float* dst = p.out_accum + (static_cast<int64_t>(split_base + split) * p.rows + row) * kHeadDimV + v * 256 + col_base;
+#pragma unroll
+            for (int j = 0; j < 32; ++j)
+              *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+          }
+        }
+      }
+      advance(cur, st, p.cache_seqlens);
     }
   }
 }
