@@ -129,26 +129,59 @@ def test_repeated_runs_are_bitwise_identical():
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def test_metadata_plan_is_consistent():
-    lens = torch.tensor([0, 1, 64, 65, 5000, 0, 129], dtype=torch.int32, device="cuda")
-    md, ns = torch_mla.get_metadata(lens, 128, 1)
-    parts = torch_mla.ops.num_sm_parts(lens.device, 128, 1)
-    assert md.shape == (parts, 8) and ns.shape == (8,)
-    md, ns = md.cpu(), ns.cpu()
-    pages = [(-(-n // 64)) for n in lens.tolist()]
-    counts = (ns[1:] - ns[:-1]).tolist()
+def check_plan(seqlens, rows):
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    md, ns = torch_mla.get_metadata(lens, rows, 1)
+    parts = torch_mla.ops.num_sm_parts(lens.device, rows, 1)
+    assert md.shape == (parts, 8) and ns.shape == (len(seqlens) + 1,)
+    md, ns = md.cpu().tolist(), ns.cpu().tolist()
+    pages = [-(-n // 64) for n in seqlens]
+    counts = [ns[b + 1] - ns[b] for b in range(len(seqlens))]
     assert ns[0] == 0
     assert [c == 0 for c in counts] == [p == 0 for p in pages]
-    # every page of every sequence is covered exactly once by the stretches
+    # every page of every sequence is covered exactly once; each split index of a sequence once
     covered = [[0] * p for p in pages]
-    for row in md.tolist():
-        b0, p0, b1, p1 = row[:4]
-        for b in range(b0, min(b1, len(pages) - 1) + 1):
+    split_ids = [[] for _ in pages]
+    for row in md:
+        b0, p0, b1, p1, first_split, n_pages = row[:6]
+        if b0 >= len(seqlens):
+            assert n_pages == 0
+            continue
+        total = 0
+        for b in range(b0, b1 + 1):
             lo = p0 if b == b0 else 0
             hi = p1 if b == b1 else pages[b]
+            if hi > lo:
+                split_ids[b].append(first_split if b == b0 else 0)
             for i in range(lo, hi):
                 covered[b][i] += 1
+            total += max(0, hi - lo)
+        assert total == n_pages
     assert all(c == 1 for seq in covered for c in seq)
+    for b, ids in enumerate(split_ids):
+        assert sorted(ids) == list(range(counts[b])), (b, ids, counts[b])
+    return md, counts
+
+
+@pytest.mark.parametrize("rows", [16, 64, 128, 512])
+def test_metadata_plan_covers_every_page_once(rows):
+    check_plan([0, 1, 64, 65, 5000, 0, 129], rows)
+    g = torch.Generator().manual_seed(rows)
+    for batch in (1, 7, 128, 300, 1500):  # 1500: past the greedy planner's batch limit
+        lens = torch.randint(0, 3000, (batch,), generator=g)
+        lens[torch.rand(batch, generator=g) < 0.2] = 0
+        check_plan(lens.tolist(), rows)
+
+
+def test_equal_lengths_are_not_split_when_they_fit():
+    # b=128 x 64 pages over 132 (or 66) stretches: one or two whole sequences per CTA, no combine
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    _, counts = check_plan([4096] * 128, 64)
+    if sms >= 128:
+        assert max(counts) == 1
+    _, counts = check_plan([4096] * 128, 128)
+    if sms >= 128:
+        assert max(counts) == 1
 
 
 def test_cuda_graph_replay_with_changed_seqlens_matches_eager():
