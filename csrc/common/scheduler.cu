@@ -231,48 +231,70 @@ __device__ void store4<__half>(__half* dst, float4 v) {
   *reinterpret_cast<uint2*>(dst) = u;
 }
 
-template <typename T>
+template <typename T, int kRowsPerBlock>
 __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ out_accum,
                                                       const float* __restrict__ lse_accum,
                                                       const int32_t* __restrict__ num_splits, T* __restrict__ out,
                                                       float* __restrict__ lse, int s_q, int h_q) {
-  const int row = blockIdx.x, b = blockIdx.y, rows = s_q * h_q;
+  // Block (x, b) handles rows [x * rows_per_block, ...) of sequence b, one after the other: with
+  // many sequences, most have one split and the block leaves at once; fewer, larger blocks then
+  // cost less to launch than one block per row.
+  const int b = blockIdx.y, rows = s_q * h_q;
   const int first = num_splits[b], n = num_splits[b + 1] - first;
   if (n == 1) return;
-  T* dst = out + (static_cast<int64_t>(b) * rows + row) * kHeadDimV + threadIdx.x * 4;
-  float* lse_dst = lse + static_cast<int64_t>(b) * rows + (row % h_q) * s_q + row / h_q;
-  if (n == 0) {
-    store4<T>(dst, make_float4(0.f, 0.f, 0.f, 0.f));
-    if (threadIdx.x == 0) *lse_dst = INFINITY;
-    return;
+#pragma unroll 1
+  for (int i = 0; i < kRowsPerBlock; ++i) {
+    const int row = blockIdx.x * kRowsPerBlock + i;
+    if (row >= rows) return;
+    T* dst = out + (static_cast<int64_t>(b) * rows + row) * kHeadDimV + threadIdx.x * 4;
+    float* lse_dst = lse + static_cast<int64_t>(b) * rows + (row % h_q) * s_q + row / h_q;
+    if (n == 0) {
+      store4<T>(dst, make_float4(0.f, 0.f, 0.f, 0.f));
+      if (threadIdx.x == 0) *lse_dst = INFINITY;
+      continue;  // (uniform across the block)
+    }
+    float m = -INFINITY;
+    for (int s = 0; s < n; ++s) m = fmaxf(m, lse_accum[static_cast<int64_t>(first + s) * rows + row]);
+    const float m_use = m == -INFINITY ? 0.f : m;
+    float denom = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < n; ++s) {
+      const int64_t slot_row = static_cast<int64_t>(first + s) * rows + row;
+      const float w = __expf(lse_accum[slot_row] - m_use);
+      denom += w;
+      const float4 o = *reinterpret_cast<const float4*>(out_accum + slot_row * kHeadDimV + threadIdx.x * 4);
+      acc.x += w * o.x; acc.y += w * o.y; acc.z += w * o.z; acc.w += w * o.w;
+    }
+    const float inv = denom > 0.f ? 1.f / denom : 0.f;
+    store4<T>(dst, make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv));
+    if (threadIdx.x == 0) *lse_dst = denom > 0.f ? logf(denom) + m_use : INFINITY;
   }
-  float m = -INFINITY;
-  for (int s = 0; s < n; ++s) m = fmaxf(m, lse_accum[static_cast<int64_t>(first + s) * rows + row]);
-  const float m_use = m == -INFINITY ? 0.f : m;
-  float denom = 0.f;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s = 0; s < n; ++s) {
-    const int64_t slot_row = static_cast<int64_t>(first + s) * rows + row;
-    const float w = __expf(lse_accum[slot_row] - m_use);
-    denom += w;
-    const float4 o = *reinterpret_cast<const float4*>(out_accum + slot_row * kHeadDimV + threadIdx.x * 4);
-    acc.x += w * o.x; acc.y += w * o.y; acc.z += w * o.z; acc.w += w * o.w;
-  }
-  const float inv = denom > 0.f ? 1.f / denom : 0.f;
-  store4<T>(dst, make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv));
-  if (threadIdx.x == 0) *lse_dst = denom > 0.f ? logf(denom) + m_use : INFINITY;
 }
 
 }  // namespace mla
 
 namespace mla {
-void launch_combine(const DecodeArgs& a, cudaStream_t stream) {
-  const dim3 grid(a.s_q * a.h_q, a.batch);
-  if (a.dtype == DType::kBF16)
-    combine_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits,
-                                                             static_cast<__nv_bfloat16*>(a.out), a.lse, a.s_q, a.h_q);
+template <typename T>
+static void launch_combine_typed(const DecodeArgs& a, dim3 grid, int rows_per_block, cudaStream_t stream) {
+  auto* out = static_cast<T*>(a.out);
+  if (rows_per_block == 8)
+    combine_kernel<T, 8><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits, out, a.lse, a.s_q, a.h_q);
+  else if (rows_per_block == 2)
+    combine_kernel<T, 2><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits, out, a.lse, a.s_q, a.h_q);
   else
-    combine_kernel<__half><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits,
-                                                      static_cast<__half*>(a.out), a.lse, a.s_q, a.h_q);
+    combine_kernel<T, 1><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits, out, a.lse, a.s_q, a.h_q);
+}
+
+void launch_combine(const DecodeArgs& a, cudaStream_t stream) {
+  // At most num_parts - 1 sequences have more than one split. With at least as many sequences
+  // as stretches, a split sequence has few splits, so a block can walk 8 rows; with few
+  // sequences (long ones cut into many splits) one row per block keeps the work spread out.
+  const int rows = a.s_q * a.h_q;
+  const int rows_per_block = a.batch >= a.num_parts ? 8 : (4 * a.batch >= a.num_parts ? 2 : 1);
+  const dim3 grid((rows + rows_per_block - 1) / rows_per_block, a.batch);
+  if (a.dtype == DType::kBF16)
+    launch_combine_typed<__nv_bfloat16>(a, grid, rows_per_block, stream);
+  else
+    launch_combine_typed<__half>(a, grid, rows_per_block, stream);
 }
 }  // namespace mla
