@@ -30,7 +30,7 @@ EncodeTiled encode_fn() {
 CUtensorMap make_map(const void* base, DType dtype, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
                      const cuuint32_t* box) {
   CUtensorMap map;
-  const cuuint32_t elem_strides[2] = {1, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
   CUresult r = encode_fn()(&map, dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                            rank, const_cast<void*>(base), dims, strides, box, elem_strides,
                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -42,7 +42,10 @@ CUtensorMap make_map(const void* base, DType dtype, int rank, const cuuint64_t* 
 template <typename T>
 void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   const int rows = a.s_q * a.h_q;
-  const cuuint32_t box[2] = {sm90::kChunkCols, 64};
+  const cuuint64_t q_dims[3] = {kHeadDim, static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(a.batch)};
+  const cuuint64_t q_strides[2] = {kHeadDim * 2, static_cast<cuuint64_t>(rows) * kHeadDim * 2};
+  const cuuint32_t box[3] = {sm90::kChunkCols, 64, 1};
+  const CUtensorMap tmap_q = make_map(a.q, a.dtype, 3, q_dims, q_strides, box);
   const cuuint64_t kv_dims[2] = {kHeadDim, static_cast<cuuint64_t>(a.num_blocks) * kPageSize};
   const cuuint64_t kv_strides[1] = {kHeadDim * 2};
   const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 2, kv_dims, kv_strides, box);
@@ -71,7 +74,7 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
     attr_set = true;
   }
   const dim3 grid((rows + kTileRows - 1) / kTileRows, a.num_parts);
-  sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_kv, p);
+  sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
 }
 
 }  // namespace

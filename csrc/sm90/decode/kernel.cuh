@@ -3,8 +3,8 @@
 // One CTA = one 64-row query tile (rows = s_q * h_q flattened, row = s * h_q + h, zero-padded
 // to 64) x one scheduler stretch of KV pages (csrc/common/scheduler.cu), walked page by page
 // across the sequences of the stretch. 384 threads, three roles:
-//   WG0 (score warpgroup, 152 regs): per sequence, the Q tile into shared memory (128B
-//       swizzle); per page: S = Q . K^T (wgmma m64n64k16, both operands in shared memory,
+//   WG0 (score warpgroup, 152 regs): per sequence, the Q tile into shared memory by TMA (9 boxes,
+//       128B swizzle, zero-filled past s_q * h_q rows; one mbarrier); per page: S = Q . K^T (wgmma m64n64k16, both operands in shared memory,
 //       36 k-steps), mask, online softmax for all 64 rows, P (bf16/fp16) written over the
 //       page's K-RoPE chunk (dead once S is done; same 64 x 64 swizzled tile), the per-row O
 //       rescale factor (and 1 / row sum on a sequence's last page) into the stage's slot.
@@ -49,7 +49,7 @@ constexpr int kSmemKV = kSmemQ + kPageBytes;
 constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
 constexpr int kSmemBar = kSmemInvL + kStages * 64 * 4;    // uint64 [3][kStages]: full, p_full, empty
-constexpr int kSmemUsed = kSmemBar + 3 * kStages * 8;
+constexpr int kSmemUsed = kSmemBar + (3 * kStages + 1) * 8;  // + the Q barrier
 constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
@@ -223,7 +223,7 @@ __device__ __forceinline__ void advance(Cursor& c, const Stretch& st, const int3
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    decode_kernel(const __grid_constant__ CUtensorMap tmap_kv, Params p) {
+    decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   using QK = typename Gmma<T>::QK;
   using QKs = typename Gmma<T>::QKs;
   using PV = typename Gmma<T>::PV;
@@ -236,6 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * stage: the page has landed (TMA)
   const uint32_t bar_pfull = bar_full + 8 * kStages;            // P and row factors written (WG0, 128 arrivals)
   const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
+  const uint32_t bar_q = bar_empty + 8 * kStages;               // the Q tile has landed (TMA)
 
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int m_tile = blockIdx.x;
@@ -253,6 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(bar_pfull + 8 * s, 128);
       mbar_init(bar_empty + 8 * s, 256);
     }
+    mbar_init(bar_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     fence_proxy_async();
   }
@@ -268,6 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float m[2], l[2];
     int limit[2];
     int prev_b = -1;
+    uint32_t q_phase = 0;
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
       const int b = cur.b, page = cur.page;
@@ -277,18 +280,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         prev_b = b;
         const int row0 = m_tile * 64 + r0;
         named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
-        // Q rows into shared memory (128B swizzle, as TMA would lay them out; padding rows 0).
-        // WG0 alone reads Q, and its S of the previous sequence is complete.
-        const T* qb = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.rows + m_tile * 64) * kHeadDim;
-#pragma unroll 4
-        for (int i = 0; i < 36; ++i) {
-          const int u = tid + 128 * i, row = u / 72, cu = u % 72, chunk = cu / 8, c16 = cu % 8;
-          const uint4 val = m_tile * 64 + row < p.rows ? __ldg(reinterpret_cast<const uint4*>(qb + row * kHeadDim) + cu)
-                                                       : make_uint4(0, 0, 0, 0);
-          *reinterpret_cast<uint4*>(smem + kSmemQ + chunk * kChunkBytes + row * 128 + ((c16 ^ (row & 7)) << 4)) = val;
+        // Q tile by TMA (9 boxes of 64 x 64, 128B swizzle; rows past s_q * h_q are zero-filled).
+        if (tid == 0) {
+          mbar_expect_tx(bar_q, kPageBytes);
+#pragma unroll 1
+          for (int c = 0; c < kChunks; ++c)
+            tma_load_3d(s_q + c * kChunkBytes, &tmap_q, bar_q, c * kChunkCols, m_tile * 64, b);
         }
-        fence_proxy_async();
-        named_barrier(3, 128);  // WG0 only: every row written before wgmma reads them
+        mbar_wait(bar_q, q_phase);
+        q_phase ^= 1;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int sq = (row0 + 8 * h) / p.h_q;
