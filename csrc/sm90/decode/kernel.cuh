@@ -1,32 +1,22 @@
-// Hopper (sm90a) split-KV MLA decode kernel, v3: two warpgroups on a "seesaw".
-// (An experiment kept in history: correct, but slower than v2.1 on the H100; see
-// docs/kernel-notes.md. The next commit restores v2.1.)
+// Hopper (sm90a) split-KV MLA decode kernel, v2: three warpgroups.
 //
-// One CTA = one 64-row query tile (rows = s_q * h_q flattened, row = s * h_q + h, zero-padded to
-// 64) x one scheduler stretch of KV pages (csrc/common/scheduler.cu), walked page by page across
-// the sequences of the stretch. 256 threads = two warpgroups, WG0 and WG1:
-// - WG w holds O[:, 256 w : 256 w + 256] (128 fp32 registers a thread) for every page, and
-//   computes O = O * scale(g) + P(g) . V(g)[:, its half] (wgmma m64n256k16).
-// - The pages alternate between them: page g of the stretch sits in KV stage g % 2 and is
-//   "owned" by WG g % 2, which computes S = Q . K^T (wgmma m64n64k16, Q and K in shared memory),
-//   the online-softmax step (the running row max and sum come from the other warpgroup, which
-//   owned page g - 1), keeps P in registers for its own P . V (A from registers), and publishes P
-//   (shared memory), the new row max and sum and the rescale factor for the other warpgroup.
-// So while one warpgroup runs a softmax on the CUDA cores, the tensor cores work on the other's
-// S of the next page and on the P . V products: one O for the CTA (there are registers for no
-// more), yet matrix and softmax work overlap, as in FlashMLA's "seesaw" schedule.
-//
-// Memory: Q (72 KB, by TMA per sequence), two 72 KB KV stages, one 8 KB P tile, row statistics:
-// 227 KB. Each stage is loaded by TMA in three groups, each with its own mbarrier: the V half of
-// WG0 (K columns 0-255), the V half of WG1 (256-511) and the RoPE part (512-575). A group is
-// refilled with the page two ahead by the warpgroup that read it last, as soon as it is done:
-// the RoPE part by the owner right after S, each V half by the warpgroup whose half it is right
-// after its P . V. There are no "empty" barriers and no producer warp; S of a page starts on the
-// RoPE part (refilled first).
-//
-// Hand-offs: full[stage][group] (TMA bytes), pfull[stage] (the owner's 128 threads: P, stats and
-// zeroed rows written). The single P tile is safe: a warpgroup writes P(g) only after its own
-// P . V(g - 1), the last reader of P(g - 1), is complete, and the reader of P(g) waited for it.
+// One CTA = one 64-row query tile (rows = s_q * h_q flattened, row = s * h_q + h, zero-padded
+// to 64) x one scheduler stretch of KV pages (csrc/common/scheduler.cu), walked page by page
+// across the sequences of the stretch. 384 threads, three roles:
+//   WG0 (score warpgroup, 152 regs): per sequence, the Q tile into shared memory by TMA (9 boxes,
+//       128B swizzle, zero-filled past s_q * h_q rows; one mbarrier); per page: S = Q . K^T (wgmma m64n64k16, both operands in shared memory,
+//       36 k-steps), mask, online softmax for all 64 rows, P (bf16/fp16) written over the
+//       page's K-RoPE chunk (dead once S is done; same 64 x 64 swizzled tile), the per-row O
+//       rescale factor (and 1 / row sum on a sequence's last page) into the stage's slot.
+//   WG1, WG2 (value warpgroups, 176 regs): each owns 256 of the 512 output dims:
+//       O = O * rescale + P . V (wgmma m64n256k16, 4 k-steps), epilogue per sequence.
+//       Thread 128 is the TMA producer: it refills a stage as soon as both have finished with it.
+// S of page i+1 (WG0) runs on the tensor cores while P.V of page i (WG1/2) does.
+// Shared memory: Q (72 KB), two 72 KB KV stages (TMA, 9 boxes of 64 x 64 with 128B swizzle),
+// 1 KB of row factors, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
+// empty (WG1/2's 256 threads). fp32 accumulation throughout.
+// (Q in WG0's registers, which would free 72 KB for a third stage, does not fit: WG0 then needs
+// ~210 registers and each value warpgroup 160, over the 3 x 168 the CTA has.)
 
 #pragma once
 
@@ -42,24 +32,25 @@
 
 namespace mla::sm90 {
 
-constexpr int kThreads = 256;                       // two warpgroups
+constexpr int kThreads = 384;                       // three warpgroups
 constexpr int kChunkCols = 64;                      // columns per TMA box / swizzle atom row
 constexpr int kChunks = kHeadDim / kChunkCols;      // 9
 constexpr int kChunkBytes = kChunkCols * 64 * 2;    // 8 KB: 64 rows x 128 B
 constexpr int kPageBytes = kChunks * kChunkBytes;   // 72 KB
 constexpr int kStages = 2;
-constexpr int kGroups = 3;                          // load groups of a stage: V half 0, V half 1, RoPE
-constexpr int kGroupRope = 2;
-constexpr int kHalfChunks = kHeadDimV / kChunkCols / 2;  // 4 chunks = 256 columns
+constexpr int kKSteps = kHeadDim / 16;              // 36
+constexpr int kRegsScore = 152, kRegsValue = 176;   // setmaxnreg; 152 + 2 * 176 = 3 * 168
 
 // Shared memory map (offsets from a 1024-byte aligned base).
-constexpr int kSmemQ = 0;                                   // Q tile, 9 swizzled 64 x 64 chunks
-constexpr int kSmemKV = kSmemQ + kPageBytes;                // kStages pages
-constexpr int kSmemP = kSmemKV + kStages * kPageBytes;      // P tile, 64 x 64, swizzled like a chunk
-constexpr int kSmemStats = kSmemP + kChunkBytes;            // float [kStages][3][64]: row max, row sum, rescale
-constexpr int kSmemBar = kSmemStats + kStages * 3 * 64 * 4;  // uint64: full[kStages][kChunks], pfull[kStages], q
-constexpr int kSmemUsed = kSmemBar + (kStages * kChunks + kStages + 1) * 8;
-constexpr int kSmemAlloc = kSmemUsed + 1024;                // room to align the base
+// A stage's last chunk (the RoPE columns of K) is dead once S of its page is done; P of that
+// page (64 x 64, the same 128B-swizzled K-major tile) is written there.
+constexpr int kSmemQ = 0;                              // Q tile, 9 swizzled 64 x 64 chunks
+constexpr int kSmemKV = kSmemQ + kPageBytes;
+constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
+constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
+constexpr int kSmemBar = kSmemInvL + kStages * 64 * 4;    // uint64 [3][kStages]: full, p_full, empty
+constexpr int kSmemUsed = kSmemBar + (3 * kStages + 1) * 8;  // + the Q barrier
+constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
 struct Params {
@@ -89,10 +80,6 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 
 __device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }
 
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
@@ -130,17 +117,10 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
 
-// Registers an in-flight wgmma reads or writes: the compiler must neither move their uses across
-// this point nor reuse them before it (the hardware still owns them until the wait).
 template <int N>
 __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-template <int N>
-__device__ __forceinline__ void fence_regs(uint32_t (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 // wgmma shared-memory descriptor, 128-byte swizzle. lbo/sbo in bytes.
@@ -152,46 +132,49 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
   d |= static_cast<uint64_t>(1) << 62;  // SWIZZLE_128B
   return d;
 }
-// A descriptor plus a byte offset (< 256 KB in all: the 14-bit address field cannot carry over).
-// The base goes through an opaque move so that the compiler recomputes each offset descriptor
-// where it is used instead of hoisting dozens of 64-bit descriptors into registers.
-__device__ __forceinline__ uint64_t opaque(uint64_t d) {
-  asm volatile("mov.b64 %0, %0;" : "+l"(d));
-  return d;
-}
-__device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t bytes) { return d + (bytes >> 4); }
 // K-major operand (rows of 128 B, 8-row groups 1024 B apart).
 __device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) { return make_desc(addr, 16, 1024); }
 // MN-major operand (V as B): 64-element MN atoms 8 KB apart (LBO), 8-row K groups 1 KB apart (SBO).
 __device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) { return make_desc(addr, kChunkBytes, 1024); }
 
-namespace gmma = cute::SM90::GMMA;
 template <typename T>
 struct Gmma;
 template <>
 struct Gmma<__nv_bfloat16> {
-  using QK = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>;
-  using PVs = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::MN>;  // P from shared memory
-  using PVr = gmma::MMA_64x256x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>;  // P from registers
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QKs = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using PV = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 template <>
 struct Gmma<__half> {
-  using QK = gmma::MMA_64x64x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>;
-  using PVs = gmma::MMA_64x256x16_F32F16F16_SS<gmma::Major::K, gmma::Major::MN>;
-  using PVr = gmma::MMA_64x256x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>;
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QKs = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 
 template <class Atom, int N, size_t... I>
 __device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float (&d)[N], bool accumulate,
                                         std::index_sequence<I...>) {
-  Atom::fma(da, db, d[I]..., accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero);
+  Atom::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
 
 template <class Atom, int N, size_t... I>
-__device__ __forceinline__ void gmma_rs(uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t db,
-                                        float (&d)[N], std::index_sequence<I...>) {
-  Atom::fma(a0, a1, a2, a3, db, d[I]..., gmma::ScaleOut::One);
+__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[N], bool accumulate,
+                                        std::index_sequence<I...>) {
+  Atom::fma(a[0], a[1], a[2], a[3], db, d[I]...,
+            accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void reg_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
+template <int N>
+__device__ __forceinline__ void reg_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b);
@@ -206,11 +189,12 @@ __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// ------------------------------------------------------------------ walking a stretch
+// ------------------------------------------------------------------ the kernel
+
 
 __device__ __forceinline__ int pages_in(int seqlen) { return seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 0; }
 
-// The (sequence, page) pairs of one scheduler stretch, in order, skipping empty sequences.
+// Walks the (sequence, page) pairs of one scheduler stretch in order, skipping empty sequences.
 struct Stretch {
   int begin_b, begin_page, end_b, end_page;
 };
@@ -231,222 +215,158 @@ __device__ __forceinline__ void settle(Cursor& c, const Stretch& st, const int32
   }
 }
 __device__ __forceinline__ void advance(Cursor& c, const Stretch& st, const int32_t* __restrict__ seqlens) {
-  if (c.b > st.end_b) return;
   if (++c.page >= c.hi) {
     ++c.b;
     settle(c, st, seqlens);
   }
 }
 
-// ------------------------------------------------------------------ the kernel
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   using QK = typename Gmma<T>::QK;
-  using PVs = typename Gmma<T>::PVs;
-  using PVr = typename Gmma<T>::PVr;
+  using QKs = typename Gmma<T>::QKs;
+  using PV = typename Gmma<T>::PV;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t s_base = smem_addr(smem);
-  const uint32_t s_q = s_base + kSmemQ, s_kv = s_base + kSmemKV, s_p = s_base + kSmemP;
-  float* stats = reinterpret_cast<float*>(smem + kSmemStats);  // [stage][max, sum, rescale][64]
-  const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * (stage * kChunks + chunk)
-  const uint32_t bar_pfull = bar_full + 8 * kStages * kChunks;  // + 8 * stage
-  const uint32_t bar_q = bar_pfull + 8 * kStages;
+  const uint32_t s_kv = s_base + kSmemKV, s_q = s_base + kSmemQ;
+  float* scale_s = reinterpret_cast<float*>(smem + kSmemScale);
+  float* inv_l_s = reinterpret_cast<float*>(smem + kSmemInvL);
+  const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * stage: the page has landed (TMA)
+  const uint32_t bar_pfull = bar_full + 8 * kStages;            // P and row factors written (WG0, 128 arrivals)
+  const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
+  const uint32_t bar_q = bar_empty + 8 * kStages;               // the Q tile has landed (TMA)
 
-  const int tid = threadIdx.x, w = tid / 128, wtid = tid % 128, warp = wtid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int m_tile = blockIdx.x;
   const int32_t* meta = p.metadata + blockIdx.y * kMetadataSize;
   const Stretch st{meta[0], meta[1], meta[2], meta[3]};
   const int begin_split = meta[4];
   if (st.begin_b >= p.batch) return;
-  // cur: this page (g); nxt, nxt2: the pages one and two ahead in the stretch (maybe done).
   Cursor cur{st.begin_b, 0, 0};
   settle(cur, st, p.cache_seqlens);
   if (cur.b > st.end_b) return;  // nothing to do (every thread agrees)
-  Cursor nxt = cur;
-  advance(nxt, st, p.cache_seqlens);
-  Cursor nxt2 = nxt;
-  advance(nxt2, st, p.cache_seqlens);
-
-  // One load group of a page into a stage, by one thread.
-  auto load_group = [&](int stage, int group, const Cursor& c) {
-    const int block = p.block_table[static_cast<int64_t>(c.b) * p.max_blocks + c.page];
-    const int first = group == kGroupRope ? kChunks - 1 : group * kHalfChunks;
-    const int n = group == kGroupRope ? 1 : kHalfChunks;
-#pragma unroll 1
-    for (int ch = first; ch < first + n; ++ch) {
-      const uint32_t bar = bar_full + 8 * (stage * kChunks + ch);
-      mbar_expect_tx(bar, kChunkBytes);
-      tma_load_2d(s_kv + stage * kPageBytes + ch * kChunkBytes, &tmap_kv, bar, ch * kChunkCols, block * kPageSize);
-    }
-  };
 
   if (tid == 0) {
-    for (int i = 0; i < kStages * kChunks; ++i) mbar_init(bar_full + 8 * i, 1);
-    for (int s = 0; s < kStages; ++s) mbar_init(bar_pfull + 8 * s, 128);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_full + 8 * s, 1);
+      mbar_init(bar_pfull + 8 * s, 128);
+      mbar_init(bar_empty + 8 * s, 256);
+    }
     mbar_init(bar_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     fence_proxy_async();
   }
   __syncthreads();
-  if (tid == 0) {
-    for (int g = 0; g < kGroups; ++g) load_group(0, g, cur);
-    if (nxt.b <= st.end_b)
-      for (int g = 0; g < kGroups; ++g) load_group(1, g, nxt);
-  }
 
-  // This thread's accumulator rows within the tile (wgmma D / A-fragment layout): r0 and r0 + 8;
-  // its columns (tokens of S, dims of O): 8 j + col_base + {0, 1}.
+  // This thread's accumulator rows within the tile (wgmma D / A-fragment layout): r0 and r0 + 8.
   const int r0 = warp * 16 + lane / 4;
   const int col_base = 2 * (lane % 4);
-  const int bar_wg = 2 + w;  // named barrier of this warpgroup (1: both)
 
-  float o[128];
+  if (wg == 0) {
+    // ============================ score warpgroup: Q to shared memory per sequence; S, softmax, P
+    reg_dealloc<kRegsScore>();
+    float m[2], l[2];
+    int limit[2];
+    int prev_b = -1;
+    uint32_t q_phase = 0;
+#pragma unroll 1
+    for (int g = 0; cur.b <= st.end_b; ++g) {
+      const int b = cur.b, page = cur.page;
+      const bool last = page + 1 == cur.hi;
+      const int seqlen = p.cache_seqlens[b];
+      if (b != prev_b) {  // a new sequence: its Q tile into shared memory, fresh softmax state
+        prev_b = b;
+        const int row0 = m_tile * 64 + r0;
+        named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
+        // Q tile by TMA (9 boxes of 64 x 64, 128B swizzle; rows past s_q * h_q are zero-filled).
+        if (tid == 0) {
+          mbar_expect_tx(bar_q, kPageBytes);
+#pragma unroll 1
+          for (int c = 0; c < kChunks; ++c)
+            tma_load_3d(s_q + c * kChunkBytes, &tmap_q, bar_q, c * kChunkCols, m_tile * 64, b);
+        }
+        mbar_wait(bar_q, q_phase);
+        q_phase ^= 1;
 #pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.f;
-  float s[32];
-  uint32_t pk[16];  // P of the last owned page, bf16/fp16 pairs: the A operand of the own P . V
-  float m[2], l[2];  // running row max (log2 domain, scaled) and row sum after the last page
-  int limit[2];      // tokens [0, limit) are visible to the row
-  uint32_t q_phase = 0;
-  int prev_b = -1;
-  // Every wgmma wait below is unconditional, and no group is in flight where the owner / other
-  // paths part: otherwise ptxas serialises every wgmma of the kernel (warning C7518 / C7520).
-
-  // S = Q . K^T of the page in `stage` (all 128 threads; waits for each load group).
-  // Order: the RoPE part (refilled first, right after the S two pages back), then this warpgroup's
-  // V half (refilled right after its own P . V), then the other half.
-  auto issue_s = [&](int stage, uint32_t phase) {
-    const uint64_t dq = opaque(desc_k_major(s_q)), dk = opaque(desc_k_major(s_kv + stage * kPageBytes));
-    mbar_wait(bar_full + 8 * (stage * kChunks + kChunks - 1), phase);
-    wgmma_fence();  // after each wait: else ptxas fences (and serialises) behind the spin loop itself
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const uint32_t koff = (kChunks - 1) * kChunkBytes + k * 32;
-      gmma_ss<QK>(desc_add(dq, koff), desc_add(dk, koff), s, k > 0, std::make_index_sequence<32>{});
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int half = i == 0 ? w : 1 - w;
-#pragma unroll
-      for (int c = 0; c < kHalfChunks; ++c) {
-        mbar_wait(bar_full + 8 * (stage * kChunks + half * kHalfChunks + c), phase);
-        wgmma_fence();
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint32_t koff = (half * kHalfChunks + c) * kChunkBytes + k * 32;
-          gmma_ss<QK>(desc_add(dq, koff), desc_add(dk, koff), s, true, std::make_index_sequence<32>{});
+        for (int h = 0; h < 2; ++h) {
+          const int sq = (row0 + 8 * h) / p.h_q;
+          limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
+          m[h] = -INFINITY;
+          l[h] = 0.f;
         }
       }
-    }
-    wgmma_commit();
-    fence_regs(s);
-  };
-  // O *= factor per row (0 on a sequence's first page: that clears O).
-  auto rescale_o = [&](float f0, float f1) {
+
+      // ---- S = Q K^T (64 rows x 64 tokens)
+      const int stage = g % kStages;
+      const uint32_t s_stage = s_kv + stage * kPageBytes;
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      float s[32];
+      wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? f0 : f1;
-  };
-  const uint32_t v_off = w * kHalfChunks * kChunkBytes;  // this warpgroup's V half within a stage
-
-#pragma unroll 1
-  for (int g = 0; cur.b <= st.end_b; ++g) {
-    const int b = cur.b, page = cur.page;
-    const int stage = g & 1;
-    const uint32_t phase = (g >> 1) & 1;
-    const bool owner = stage == w;
-    const bool last = page + 1 == cur.hi;
-    const bool next_same = nxt.b == b;  // page g + 1 is of this sequence
-    const int seqlen = p.cache_seqlens[b];
-    const uint32_t s_stage = s_kv + stage * kPageBytes;
-
-    if (b != prev_b) {  // a new sequence: its Q tile, fresh softmax state, the first S
-      prev_b = b;
-      named_barrier(1, kThreads);  // both warpgroups are done with the previous sequence (Q, P tile)
-      if (tid == 0) {
-        mbar_expect_tx(bar_q, kPageBytes);
-#pragma unroll 1
-        for (int c = 0; c < kChunks; ++c)
-          tma_load_3d(s_q + c * kChunkBytes, &tmap_q, bar_q, c * kChunkCols, m_tile * 64, b);
+      for (int k = 0; k < kKSteps; ++k) {
+        const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
+        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int sq = (m_tile * 64 + r0 + 8 * h) / p.h_q;
-        limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
-        m[h] = -INFINITY;
-        l[h] = 0.f;
-      }
-      mbar_wait(bar_q, q_phase);
-      q_phase ^= 1;
-      if (owner) issue_s(stage, phase);  // (the other warpgroup issues S(g + 1) first thing below)
-    }
-
-    if (owner) {
-      // ============ S(g) is done -> softmax -> publish P, stats -> own P . V
-      wgmma_wait<0>();  // S(g) (already complete unless issued at this sequence's start)
+      wgmma_commit();
+      wgmma_wait<0>();
       fence_regs(s);
-      fence_regs(o);
-      named_barrier(bar_wg, 128);  // every warp's S has read the stage's RoPE part: refill it
-      if (wtid == 0 && nxt2.b <= st.end_b) load_group(stage, kGroupRope, nxt2);
+      named_barrier(3, 128);  // every warp's part of S is done before the stage's rows are zeroed / P overwrites K's RoPE chunk
 
-      // online softmax in the log2 domain; rows r0, r0 + 8; tokens 8 j + col_base + {0, 1}
+      // ---- online softmax (log2 domain); rows r0, r0 + 8; tokens 8 j + col_base + {0, 1}
       const int tok0 = page * kPageSize + col_base;
-      if (page * kPageSize + kPageSize > min(limit[0], limit[1])) {  // the page reaches a row's limit
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (tok0 + 8 * j + (e % 2) >= limit[e / 2]) s[4 * j + e] = -INFINITY;
-      }
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
+        for (int e = 0; e < 4; ++e) {
+          const int h = e / 2;
+          const int tok = tok0 + 8 * j + (e % 2);
+          const float v = tok < limit[h] ? s[4 * j + e] * p.scale_log2 : -INFINITY;
+          s[4 * j + e] = v;
+          mx[h] = fmaxf(mx[h], v);
+        }
       float sc[2], m_use[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h] * p.scale_log2);  // softmax_scale > 0 (ops.py)
+        const float m_new = fmaxf(m[h], mx[h]);
         m_use[h] = m_new == -INFINITY ? 0.f : m_new;
         sc[h] = exp2f(m[h] - m_use[h]);
         m[h] = m_new;
+        l[h] *= sc[h];
       }
-      float rs[2] = {0.f, 0.f};
+      uint32_t pk[16];
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float p0 = exp2f(fmaf(s[4 * j + 2 * h], p.scale_log2, -m_use[h]));
-          const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -m_use[h]));
-          rs[h] += p0 + p1;
+          const float p0 = exp2f(s[4 * j + 2 * h] - m_use[h]);
+          const float p1 = exp2f(s[4 * j + 2 * h + 1] - m_use[h]);
+          l[h] += p0 + p1;
           pk[2 * j + h] = pack2<T>(p0, p1);
         }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        rs[h] += __shfl_xor_sync(0xffffffff, rs[h], 1);
-        rs[h] += __shfl_xor_sync(0xffffffff, rs[h], 2);
-        l[h] = l[h] * sc[h] + rs[h];
-      }
 
-      // The rows past the sequence in a partial last page hold anything (NaN too): P is 0 there,
-      // but 0 * NaN = NaN in P . V, so zero those V rows (S has read them, masked).
+      // ---- the rows past the sequence in a partial last page hold anything (NaN too): P is 0
+      // there, but 0 * NaN = NaN in P.V, so zero those V rows (S has read them, masked).
       const int valid = seqlen - page * kPageSize;
       if (valid < kPageSize) {
         uint8_t* stage_ptr = smem + kSmemKV + stage * kPageBytes;
         const int per_chunk = (kPageSize - valid) * 8;  // 16-byte units per chunk
         const int n_zero = per_chunk * (kHeadDimV / kChunkCols);
-        for (int u = wtid; u < n_zero; u += 128) {
+        for (int u = tid; u < n_zero; u += 128) {
           const int chunk = u / per_chunk, rem = u % per_chunk;
           *reinterpret_cast<uint4*>(stage_ptr + chunk * kChunkBytes + (valid + rem / 8) * 128 + (rem % 8) * 16) =
               make_uint4(0, 0, 0, 0);
         }
       }
-      // P into the P tile (64 x 64, 128B-swizzled K-major, as wgmma reads it); the row stats.
-      uint8_t* p_smem = smem + kSmemP;
+
+      // P goes where K's RoPE chunk was; the row factors to this stage's slot (P.V of the page that
+      // used this stage before is done: its refill, which this page's full barrier waited for, came
+      // after that).
+      uint8_t* p_smem = smem + kSmemKV + stage * kPageBytes + (kChunks - 1) * kChunkBytes;  // K's RoPE chunk
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -456,97 +376,109 @@ __global__ void __launch_bounds__(kThreads, 1)
               pk[2 * j + h];
         }
       if (lane % 4 == 0) {
-        float* st_row = stats + stage * 3 * 64;
+        scale_s[stage * 64 + r0] = sc[0];
+        scale_s[stage * 64 + r0 + 8] = sc[1];
+      }
+      if (last) {
+        const int n_splits = p.num_splits[b + 1] - p.num_splits[b];
+        const int split = b == st.begin_b ? begin_split : 0;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          st_row[r0 + 8 * h] = m[h];
-          st_row[64 + r0 + 8 * h] = l[h];
-          st_row[128 + r0 + 8 * h] = sc[h];
+          float total = l[h];
+          total += __shfl_xor_sync(0xffffffff, total, 1);
+          total += __shfl_xor_sync(0xffffffff, total, 2);
+          const float lse = total > 0.f ? (m[h] + log2f(total)) * 0.69314718055994531f : -INFINITY;
+          const int row = m_tile * 64 + r0 + 8 * h;
+          if (lane % 4 == 0) {
+            inv_l_s[stage * 64 + r0 + 8 * h] = total > 0.f ? 1.f / total : 0.f;
+            if (row < p.rows) {
+              if (n_splits == 1)
+                p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] =
+                    lse == -INFINITY ? INFINITY : lse;
+              else
+                p.lse_accum[static_cast<int64_t>(p.num_splits[b] + split) * p.rows + row] = lse;
+            }
+          }
         }
       }
       fence_proxy_async();  // P and the zeroed rows, written by threads, are read by wgmma next
       mbar_arrive(bar_pfull + 8 * stage);
-      if (valid < kPageSize) named_barrier(bar_wg, 128);  // this warpgroup's P . V reads zeroed rows too
-
-      rescale_o(sc[0], sc[1]);
-      const uint64_t dv = opaque(desc_mn_major(s_stage + v_off));
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kPageSize / 16; ++kk)
-        gmma_rs<PVr>(pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3], desc_add(dv, kk * 16 * 128), o,
-                     std::make_index_sequence<128>{});
-      wgmma_commit();
-      fence_regs(o);
-      fence_regs(pk);
-    } else {
-      // ============ the other's page: S of the next (own) page, then P . V on this warpgroup's half
-      // S(g + 1) goes first: softmax(g + 1) waits for it (S(g + 1) overlaps softmax(g) of the other
-      // warpgroup), while P . V(g) is off that critical path.
-      wgmma_wait<0>();  // nothing is in flight here; without this wait ptxas serialises (C7518)
-      if (next_same) issue_s(stage ^ 1, ((g + 1) >> 1) & 1);
-      mbar_wait(bar_pfull + 8 * stage, phase);
-      const float* st_row = stats + stage * 3 * 64;
-      float sc[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        m[h] = st_row[r0 + 8 * h];
-        l[h] = st_row[64 + r0 + 8 * h];
-        sc[h] = st_row[128 + r0 + 8 * h];
-      }
-      rescale_o(sc[0], sc[1]);
-      const uint64_t dp = opaque(desc_k_major(s_p)), dv = opaque(desc_mn_major(s_stage + v_off));
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kPageSize / 16; ++kk)
-        gmma_ss<PVs>(desc_add(dp, kk * 32), desc_add(dv, kk * 16 * 128), o, true, std::make_index_sequence<128>{});
-      wgmma_commit();
-      fence_regs(o);
+      advance(cur, st, p.cache_seqlens);
     }
-    // All of this step's groups: P . V(g), and S(g + 1) on the other's page (the next step needs
-    // both anyway).
-    wgmma_wait<0>();
-    fence_regs(o);
-    fence_regs(s);
-    fence_regs(pk);
-    // This warpgroup's P . V(g) is done: its V half of the stage takes page g + 2.
-    named_barrier(bar_wg, 128);
-    if (wtid == 0 && nxt2.b <= st.end_b) load_group(stage, w, nxt2);
+  } else {
+    // ============================ value warpgroups: O[:, 256 v : 256 v + 256] += P V
+    reg_alloc<kRegsValue>();
+    const int v = wg - 1;
+    const bool producer = tid == 128;  // issues the TMA page loads, kStages ahead
+    Cursor ld = cur;
+    auto issue_load = [&](int stage) {
+      const int block = p.block_table[static_cast<int64_t>(ld.b) * p.max_blocks + ld.page];
+      mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
+#pragma unroll 1
+      for (int c = 0; c < kChunks; ++c)
+        tma_load_2d(s_kv + stage * kPageBytes + c * kChunkBytes, &tmap_kv, bar_full + 8 * stage, c * kChunkCols,
+                    block * kPageSize);
+      advance(ld, st, p.cache_seqlens);
+    };
+    if (producer)
+      for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) issue_load(s);
 
-    if (last) {
-      // ============ the sequence ends with this page: this warpgroup's half of out (and lse)
-      const int split_base = p.num_splits[b];
-      const int n_splits = p.num_splits[b + 1] - split_base;
-      const int split = b == st.begin_b ? begin_split : 0;
+
+    float o[128];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = m_tile * 64 + r0 + 8 * h;
-        const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
-        if (row < p.rows) {
-          if (owner && lane % 4 == 0) {
-            const float lse = l[h] > 0.f ? (m[h] + log2f(l[h])) * 0.69314718055994531f : -INFINITY;
-            if (n_splits == 1)
-              p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] =
-                  lse == -INFINITY ? INFINITY : lse;
-            else
-              p.lse_accum[static_cast<int64_t>(split_base + split) * p.rows + row] = lse;
-          }
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+#pragma unroll 1
+    for (int g = 0; cur.b <= st.end_b; ++g) {
+      const int b = cur.b;
+      const bool last = cur.page + 1 == cur.hi;
+      const int stage = g % kStages;
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      mbar_wait(bar_pfull + 8 * stage, (g / kStages) & 1);
+      const float sc0 = scale_s[stage * 64 + r0], sc1 = scale_s[stage * 64 + r0 + 8];
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kPageSize / 16; ++kk)
+        gmma_ss<PV>(desc_k_major(s_kv + stage * kPageBytes + (kChunks - 1) * kChunkBytes + kk * 32),
+                    desc_mn_major(s_kv + stage * kPageBytes + v * 4 * kChunkBytes + kk * 16 * 128), o, true,
+                    std::make_index_sequence<128>{});
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(o);
+      float inv[2] = {0.f, 0.f};
+      if (last) {
+        inv[0] = inv_l_s[stage * 64 + r0];
+        inv[1] = inv_l_s[stage * 64 + r0 + 8];
+      }
+      mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
+      if (producer && ld.b <= st.end_b) {  // both value warpgroups are done with the stage: refill it
+        mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);
+        issue_load(stage);
+      }
+      if (last) {
+        const int split_base = p.num_splits[b];
+        const int n_splits = p.num_splits[b + 1] - split_base;
+        const int split = b == st.begin_b ? begin_split : 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = m_tile * 64 + r0 + 8 * h;
+          if (row >= p.rows) continue;
           if (n_splits == 1) {
-            T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + w * 256 + col_base;
+            T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + v * 256 + col_base;
 #pragma unroll
             for (int j = 0; j < 32; ++j)
-              *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+              *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
           } else {
-            float* dst = p.out_accum + (static_cast<int64_t>(split_base + split) * p.rows + row) * kHeadDimV + w * 256 + col_base;
+            float* dst = p.out_accum + (static_cast<int64_t>(split_base + split) * p.rows + row) * kHeadDimV + v * 256 + col_base;
 #pragma unroll
             for (int j = 0; j < 32; ++j)
-              *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
+              *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
           }
         }
       }
+      advance(cur, st, p.cache_seqlens);
     }
-    cur = nxt;
-    nxt = nxt2;
-    advance(nxt2, st, p.cache_seqlens);
   }
 }
 
