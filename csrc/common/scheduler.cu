@@ -239,6 +239,11 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
   // Block (x, b) handles rows [x * rows_per_block, ...) of sequence b, one after the other: with
   // many sequences, most have one split and the block leaves at once; fewer, larger blocks then
   // cost less to launch than one block per row.
+  // Launched with programmatic dependent launch: this block may start while the decode kernel
+  // still runs. Every block waits for it to complete (and its writes to be visible), even one
+  // with nothing to do: so the combine never completes before the decode, and work queued after
+  // the combine on the stream also finds out / lse written.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int b = blockIdx.y, rows = s_q * h_q;
   const int first = num_splits[b], n = num_splits[b + 1] - first;
   if (n == 1) return;
@@ -274,15 +279,31 @@ __global__ void __launch_bounds__(128) combine_kernel(const float* __restrict__ 
 }  // namespace mla
 
 namespace mla {
+template <typename T, int kRowsPerBlock>
+static void launch_combine_rows(const DecodeArgs& a, dim3 grid, cudaStream_t stream) {
+  // Programmatic dependent launch: the combine is launched while the decode kernel drains, so its
+  // launch latency hides behind the decode's tail (the kernel waits with griddepcontrol.wait).
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(128);
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, combine_kernel<T, kRowsPerBlock>, static_cast<const float*>(a.out_accum),
+                     static_cast<const float*>(a.lse_accum), a.num_splits, static_cast<T*>(a.out), a.lse, a.s_q, a.h_q);
+}
+
 template <typename T>
 static void launch_combine_typed(const DecodeArgs& a, dim3 grid, int rows_per_block, cudaStream_t stream) {
-  auto* out = static_cast<T*>(a.out);
   if (rows_per_block == 8)
-    combine_kernel<T, 8><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits, out, a.lse, a.s_q, a.h_q);
+    launch_combine_rows<T, 8>(a, grid, stream);
   else if (rows_per_block == 2)
-    combine_kernel<T, 2><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits, out, a.lse, a.s_q, a.h_q);
+    launch_combine_rows<T, 2>(a, grid, stream);
   else
-    combine_kernel<T, 1><<<grid, 128, 0, stream>>>(a.out_accum, a.lse_accum, a.num_splits, out, a.lse, a.s_q, a.h_q);
+    launch_combine_rows<T, 1>(a, grid, stream);
 }
 
 void launch_combine(const DecodeArgs& a, cudaStream_t stream) {

@@ -238,6 +238,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
   const uint32_t bar_q = bar_empty + 8 * kStages;               // the Q tile has landed (TMA)
 
+  // The combine kernel (launched after this one with programmatic dependent launch) may be
+  // scheduled once every CTA got here; it waits for this grid's completion before reading.
+  asm volatile("griddepcontrol.launch_dependents;");
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int m_tile = blockIdx.x;
   const int32_t* meta = p.metadata + blockIdx.y * kMetadataSize;
