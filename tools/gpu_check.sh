@@ -11,7 +11,9 @@ if [ -z "${CUTLASS_INCLUDE:-}" ] && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1
 fi
 rm -rf build torch_mla/_C*.so  # a clean build: a changed header alone must not be missed
 t0=$(date +%s)
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+# -Xptxas -v: registers, spills and the C75xx warnings (wgmma serialised) reach the log only with it.
+NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas -v" python3 setup.py build_ext --inplace \
+  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"; grep -E "C75[0-9]{2}|registers|spill" "$OUT/build.log" | sort | uniq -c | head
 python3 -c "import torch_mla, torch; assert torch_mla.has_cuda_kernel(), torch_mla._CUDA_KERNEL_ERROR; print(torch.cuda.get_device_name())" || exit 1
 so=$(ls torch_mla/_C*.so | head -1)
