@@ -1,13 +1,14 @@
 """The decode step is one torch.compile(fullgraph=True) graph: it gives the eager step's logits and
 cache writes, and never recompiles as sequences grow (across block boundaries, across
-generations of other lengths). On a GPU, CUDA-graph replay gives the same greedy tokens."""
+generations of other lengths). With the eager backend it gives them bit for bit, in bf16 too. On a
+GPU, CUDA-graph replay gives the same greedy tokens."""
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from torch_mla.cache import PagedKVCache
-from torch_mla.generate import Generator, decode_step, prefill
+from torch_mla.generate import CudaGraphStep, Generator, decode_step, prefill
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 PROMPTS = [[int(t) for t in torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n))]
@@ -65,8 +66,65 @@ def test_compiled_generation_gives_eager_tokens_and_never_recompiles(compiled):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@torch.no_grad()
+def test_eager_backend_gives_eager_logits_bit_for_bit_in_bf16():
+    """backend="eager": dynamo's single graph runs eager's own kernels, so even in bf16, where
+    inductor's fusions round differently, the step's logits and cache writes are eager's exactly,
+    and greedy generation gives eager's tokens."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(dtype=torch.bfloat16).keep_float32_parts()
+    gen = Generator(model, max_batch_size=4, max_seq_len=128, compile=True, backend="eager")
+    eager_cache = PagedKVCache(model.args.n_layers, num_blocks=8, max_batch_size=4, max_seq_len=128,
+                               dtype=torch.bfloat16)
+    first = prefill_rows(model, eager_cache)
+    prefill_rows(model, gen.cache)
+    tokens = torch.cat([first, torch.zeros(1, dtype=torch.long)])
+    positions = torch.tensor([len(p) for p in PROMPTS] + [-1])
+    for i in range(6):
+        expected = decode_step(model, eager_cache.kv, eager_cache.block_table, tokens, positions)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = gen.step(model, gen.cache.kv, gen.cache.block_table, tokens, positions)
+        assert torch.equal(got[:3], expected[:3]) and torch.equal(gen.cache.kv, eager_cache.kv)
+        tokens = torch.cat([expected[:3].argmax(-1), torch.zeros(1, dtype=torch.long)])
+        positions[:3] += 1
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = gen.generate(PROMPTS, 12, record_margins=True)
+    want = Generator(model, 4, 128, compile=False).generate(PROMPTS, 12, record_margins=True)
+    assert got.tokens == want.tokens and got.step_margins == want.step_margins
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_backend_and_cuda_graph_options_are_checked():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Generator(tiny_model(), 1, 64, backend="tvm")
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA model"):
+        Generator(tiny_model(), 1, 64, compile=True, cuda_graphs=True)
+
+
 @pytest.mark.gpu
-def test_cuda_graph_generation_gives_eager_greedy_tokens():
+def test_eager_backend_cuda_graph_replay_gives_eager_tokens_exactly():
+    """bf16 on the GPU, eager backend: the step is captured once and then only replayed (the
+    compiled function is not called again), and the tokens and top-2 logit gaps of every step
+    are eager's, bit for bit."""
+    torch._dynamo.reset()
+    model = tiny_model("cuda", torch.bfloat16).keep_float32_parts()
+    new = 48
+    eager = Generator(model, 4, 160, compile=False).generate(PROMPTS, new, record_margins=True)
+    graphs = Generator(model, 4, 160, compile=True, cuda_graphs=True, backend="eager")
+    assert isinstance(graphs.step, CudaGraphStep)
+    graphs.generate(PROMPTS, 4)  # warm-up: compile and capture
+    calls = []
+    inner = graphs.step.step
+    graphs.step.step = lambda *a: calls.append(1) or inner(*a)
+    replayed = graphs.generate(PROMPTS, new, record_margins=True)
+    assert not calls, "the step ran outside its CUDA graph"
+    assert replayed.tokens == eager.tokens
+    assert replayed.step_margins == eager.step_margins
+
+
+@pytest.mark.gpu
+def test_inductor_cuda_graphs_give_the_compiled_tokens_and_eager_ones_where_clear():
     """bf16 on the GPU: replaying the CUDA graph changes nothing against the same compiled code
     without graphs (bit for bit), and the tokens are eager's wherever eager's choice is clear
     (a top-2 logit gap above bf16 noise); tokens may differ only after such a near tie."""

@@ -8,7 +8,13 @@ The decode step is one function, :func:`decode_step`, compiled with ``fullgraph=
 shapes: the batch and the block table have fixed sizes for the whole generation, and everything
 that changes from step to step (tokens, positions, hence lengths and slots) is a tensor. So the
 step compiles once and never recompiles as sequences grow, and on CUDA it is captured once into a
-CUDA graph (``mode="reduce-overhead"``) and replayed.
+CUDA graph and replayed.
+
+Two compile backends: ``inductor`` (the default; fused Triton / C++ kernels, and on CUDA
+``mode="reduce-overhead"``, inductor's CUDA graphs) and ``eager`` (dynamo's one graph runs eager
+PyTorch's own kernels, captured by :class:`CudaGraphStep`). Inductor is faster, but its fusions
+round bf16 differently from eager, so in bf16 its greedy tokens may part from eager's after a
+near tie; ``eager`` gives eager's logits bit for bit, hence eager's tokens, at CUDA-graph speed.
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import torch
 from .cache import BLOCK_SIZE, PagedKVCache, slot_mapping
 from .models.deepseek import PRESETS, Transformer, describe, load_checkpoint, load_tokenizer
 
-__all__ = ["decode_step", "prefill", "sample", "Generator", "GenerationResult", "main"]
+BACKENDS = ("inductor", "eager")  # torch.compile backends of the decode step (see the module docstring)
+
+__all__ = ["decode_step", "prefill", "sample", "CudaGraphStep", "Generator", "GenerationResult", "main"]
 
 
 def decode_step(model: Transformer, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -86,6 +94,50 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class CudaGraphStep:
+    """A decode step captured once into a CUDA graph (``torch.cuda.CUDAGraph``), then replayed.
+
+    For compile backends that bring no CUDA graphs of their own (``backend="eager"``). Each call
+    copies ``tokens`` and ``positions`` into static buffers and replays; the logits returned are a
+    static buffer that the next call overwrites. The model, ``kv_cache`` and ``block_table`` are
+    baked into the graph by address: the cache and table are updated in place, and a call with
+    another cache (address or shape) captures afresh. Before the capture the step runs twice on a
+    side stream (compiling it and warming up the kernels); those runs write the same cache rows
+    as the replay that follows, with the same values, so they change nothing.
+    """
+
+    def __init__(self, step):
+        self.step = step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._key = None
+
+    def __call__(self, model: Transformer, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                 tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        key = (id(model), kv_cache.data_ptr(), kv_cache.shape, block_table.data_ptr(), block_table.shape,
+               tokens.shape, positions.shape)
+        if key != self._key:
+            self._capture(model, kv_cache, block_table, tokens, positions)
+            self._key = key
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self, model, kv_cache, block_table, tokens, positions) -> None:
+        self.graph = None
+        self.tokens, self.positions = tokens.clone(), positions.clone()
+        side = torch.cuda.Stream(device=tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(model, kv_cache, block_table, self.tokens, self.positions)
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self.step(model, kv_cache, block_table, self.tokens, self.positions)
+        self.graph = graph
 
 
 @dataclass
@@ -151,12 +203,16 @@ class Generator:
         max_seq_len: longest prompt + generation of a row.
         num_blocks: cache blocks; default enough for every row at ``max_seq_len``.
         compile: compile the decode step (``fullgraph=True``, static shapes).
-        cuda_graphs: with ``compile``, ``mode="reduce-overhead"`` (CUDA graphs); default on CUDA.
+        cuda_graphs: with ``compile``, replay the step as a CUDA graph; default on CUDA.
         prefill_chunk: tokens per causal prefill chunk.
+        backend: ``torch.compile`` backend of the step: ``"inductor"`` (CUDA graphs through
+            ``mode="reduce-overhead"``) or ``"eager"`` (eager's kernels, bit-identical logits;
+            CUDA graphs through :class:`CudaGraphStep`).
     """
 
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, num_blocks: int | None = None,
-                 compile: bool = True, cuda_graphs: bool | None = None, prefill_chunk: int = 512):
+                 compile: bool = True, cuda_graphs: bool | None = None, prefill_chunk: int = 512,
+                 backend: str = "inductor"):
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -167,14 +223,21 @@ class Generator:
         self.cache = PagedKVCache(model.args.n_layers, num_blocks, max_batch_size, max_seq_len,
                                   dtype=self.dtype, device=self.device)
         self.prefill_chunk = prefill_chunk
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.cuda_graphs = bool(compile and (self.device.type == "cuda" if cuda_graphs is None else cuda_graphs))
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA model, got {self.device}")
+        self.backend = backend if compile else None
         self.step = decode_step
         if compile:
             # Static addresses: CUDA graphs may then mutate / read them in place without copies.
             torch._dynamo.mark_static_address(self.cache.kv)
             torch._dynamo.mark_static_address(self.cache.block_table)
-            mode = "reduce-overhead" if self.cuda_graphs else None
-            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+            mode = "reduce-overhead" if self.cuda_graphs and backend == "inductor" else None
+            self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend, mode=mode)
+            if self.cuda_graphs and backend != "inductor":
+                self.step = CudaGraphStep(self.step)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
@@ -221,7 +284,7 @@ class Generator:
         for i in range(1, max_new_tokens):
             if eos_id is not None and i % 8 == 0 and bool(done.all()):
                 break  # checked every few steps: each check is a host sync
-            if self.cuda_graphs:
+            if self.cuda_graphs and self.backend == "inductor":
                 torch.compiler.cudagraph_mark_step_begin()
             logits = self.step(self.model, cache.kv, cache.block_table, tokens, positions)[:n]
             if record_margins:
@@ -311,10 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="compile the decode step (fullgraph, static shapes)")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                    help="with --compile: mode='reduce-overhead' (default on CUDA)")
+                    help="with --compile: replay the step as a CUDA graph (default on CUDA)")
+    ap.add_argument("--backend", choices=BACKENDS, default="inductor",
+                    help="torch.compile backend of the step: inductor (fused kernels, fastest) or eager "
+                         "(eager's kernels: bit-identical logits, eager's greedy tokens)")
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--bench", action="store_true",
-                    help="time eager, compiled and (CUDA) compiled + CUDA graphs decoding; compare tokens")
+                    help="time eager, compiled and (CUDA) compiled + CUDA graphs decoding with each backend; "
+                         "compare tokens")
     opts = ap.parse_args(argv)
 
     device = torch.device(opts.device)
@@ -332,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(opts, model, prompts, max_seq_len, eos_id, device)
 
     gen = Generator(model, len(prompts), max_seq_len, compile=opts.compile, cuda_graphs=opts.cuda_graphs,
-                    prefill_chunk=opts.prefill_chunk)
+                    prefill_chunk=opts.prefill_chunk, backend=opts.backend)
     if opts.compile:
         print("compiling the decode step on its first call (about 30 s on a 2-core CPU the first time, "
               "then cached; --no-compile skips it)", file=sys.stderr, flush=True)
@@ -342,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}] prompt ({len(p)} tokens) -> {len(toks)} new tokens: {toks}")
         if tokenizer is not None:
             print(f"    {tokenizer.decode(toks)!r}")
-    mode = "eager" if not opts.compile else ("compiled + CUDA graphs" if gen.cuda_graphs else "compiled")
-    _print_result(mode, result)
+    _print_result(_mode_name(opts.compile, gen.cuda_graphs, opts.backend), result)
     return 0
 
 
@@ -353,20 +419,27 @@ def _has_kernel() -> bool:
     return torch_mla.has_cuda_kernel()
 
 
+def _mode_name(compile_: bool, graphs: bool, backend: str) -> str:
+    if not compile_:
+        return "eager"
+    return ("compiled" if backend == "inductor" else f"compiled ({backend} backend)") + (" + CUDA graphs" if graphs else "")
+
+
 def _bench(opts, model, prompts, max_seq_len, eos_id, device) -> int:
     """Each mode: one warm-up generation (compiles, captures), then a timed one with the same prompts."""
     from torch._dynamo.utils import counters
 
-    modes = [("eager", False, False), ("compiled", True, False)]
+    modes = [(False, False, "inductor"), (True, False, "inductor")]
     if device.type == "cuda":
-        modes.append(("compiled + CUDA graphs", True, True))
+        modes += [(True, True, "inductor"), (True, True, "eager")]
         print(f"device: {torch.cuda.get_device_name(device)}")
     rows, reference = [], None
-    for name, compile_, graphs in modes:
+    for compile_, graphs, backend in modes:
+        name = _mode_name(compile_, graphs, backend)
         torch._dynamo.reset()
         counters.clear()
         gen = Generator(model, len(prompts), max_seq_len, compile=compile_, cuda_graphs=graphs,
-                        prefill_chunk=opts.prefill_chunk)
+                        prefill_chunk=opts.prefill_chunk, backend=backend)
         gen.generate(prompts, min(opts.max_new_tokens, 4), eos_id=eos_id)  # warm-up
         r = gen.generate(prompts, opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed, eos_id)
         _print_result(name, r)
@@ -381,8 +454,8 @@ def _bench(opts, model, prompts, max_seq_len, eos_id, device) -> int:
     print("|---|---|---|---|---|")
     for name, r, same in rows:
         print(f"| {name} | {r.tokens_per_s:.1f} | {r.ms_per_token:.2f} | {1000 * r.prefill_s:.1f} | {same} |")
-    print("(batch {}, prompt {} tokens, {} new tokens; in bf16 a row may leave eager's tokens after a "
-          "near tie of its top two logits)".format(len(prompts), len(prompts[0]), opts.max_new_tokens))
+    print("(batch {}, prompt {} tokens, {} new tokens; with inductor, in bf16, a row may leave eager's tokens "
+          "after a near tie of its top two logits)".format(len(prompts), len(prompts[0]), opts.max_new_tokens))
     return 0
 
 
