@@ -130,8 +130,14 @@ def bench_shape(batch, s_q, h_q, seqlen, varlen, ceilings, causal=True, seed=0) 
     return row
 
 
-def shapes(quick: bool):
+SMALL_BATCH_ROWS = [(1, 1, 16, 4096, False), (1, 1, 128, 32768, False), (8, 1, 128, 8192, False),
+                    (32, 1, 128, 4096, False), (64, 1, 128, 2048, False)]
+
+
+def shapes(quick: bool, small: bool = False):
     rows = []
+    if small:
+        return list(SMALL_BATCH_ROWS)
     if quick:
         for s_q, h_q, seqlen in ((1, 16, 8192), (1, 64, 4096), (1, 128, 4096), (2, 128, 4096)):
             rows.append((128, s_q, h_q, seqlen, False))
@@ -142,9 +148,7 @@ def shapes(quick: bool):
             for s_q in (1, 2):
                 for varlen in (False, True):
                     rows.append((128, s_q, h_q, seqlen, varlen))
-    rows += [(1, 1, 16, 4096, False), (1, 1, 128, 32768, False), (8, 1, 128, 8192, False),
-             (32, 1, 128, 4096, False), (64, 1, 128, 2048, False)]
-    return rows
+    return rows + SMALL_BATCH_ROWS
 
 
 def _fmt(x, spec):
@@ -154,6 +158,7 @@ def _fmt(x, spec):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few representative shapes")
+    parser.add_argument("--small", action="store_true", help="only the small-batch rows")
     parser.add_argument("--json", help="write the rows (and ceilings) as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or not torch_mla.has_cuda_kernel():
@@ -164,7 +169,7 @@ def main(argv=None):
         print(f"device: {torch.cuda.get_device_name()}  copy {ceilings['copy_GBps']:.0f} GB/s  "
               f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
         results = []
-        for i, (b, s_q, h_q, seqlen, varlen) in enumerate(shapes(args.quick)):
+        for i, (b, s_q, h_q, seqlen, varlen) in enumerate(shapes(args.quick, args.small)):
             row = bench_shape(b, s_q, h_q, seqlen, varlen, ceilings, seed=i + 1)
             results.append(row)
             print(f"b={b:<3} s_q={s_q} seqlen={seqlen:<5} h_q={h_q:<3} {'var' if varlen else 'fix'} "

@@ -13,7 +13,7 @@
 //       Thread 128 is the TMA producer: it refills a stage as soon as both have finished with it.
 // S of page i+1 (WG0) runs on the tensor cores while P.V of page i (WG1/2) does.
 // Shared memory: Q (72 KB), two 72 KB KV stages (TMA, 9 boxes of 64 x 64 with 128B swizzle),
-// 1 KB of row factors, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
+// 1 KB of row factors and the workspace slot of each stage's split, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
 // empty (WG1/2's 256 threads). fp32 accumulation throughout.
 // (Q in WG0's registers, which would free 72 KB for a third stage, does not fit: WG0 then needs
 // ~210 registers and each value warpgroup 160, over the 3 x 168 the CTA has.)
@@ -48,7 +48,8 @@ constexpr int kSmemQ = 0;                              // Q tile, 9 swizzled 64 
 constexpr int kSmemKV = kSmemQ + kPageBytes;
 constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
-constexpr int kSmemBar = kSmemInvL + kStages * 64 * 4;    // uint64 [3][kStages]: full, p_full, empty
+constexpr int kSmemSlot = kSmemInvL + kStages * 64 * 4;   // int [kStages]: workspace slot of the split (-1: out)
+constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [3][kStages]: full, p_full, empty
 constexpr int kSmemUsed = kSmemBar + (3 * kStages + 1) * 8;  // + the Q barrier
 constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
@@ -233,6 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t s_kv = s_base + kSmemKV, s_q = s_base + kSmemQ;
   float* scale_s = reinterpret_cast<float*>(smem + kSmemScale);
   float* inv_l_s = reinterpret_cast<float*>(smem + kSmemInvL);
+  int* slot_s = reinterpret_cast<int*>(smem + kSmemSlot);
   const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * stage: the page has landed (TMA)
   const uint32_t bar_pfull = bar_full + 8 * kStages;            // P and row factors written (WG0, 128 arrivals)
   const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
@@ -247,6 +249,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Stretch st{meta[0], meta[1], meta[2], meta[3]};
   const int begin_split = meta[4];
   if (st.begin_b >= p.batch) return;
+  // The producer reads the block of the stretch's first page now, beside the sequence lengths
+  // that settle() reads: one dependent memory round trip less before the first page's TMA. It is
+  // used only if the stretch does start there (it does whenever the metadata is get_metadata's).
+  const bool first_block_read = tid == 128 && st.begin_page < p.max_blocks;
+  const int first_block =
+      first_block_read ? p.block_table[static_cast<int64_t>(st.begin_b) * p.max_blocks + st.begin_page] : 0;
   Cursor cur{st.begin_b, 0, 0};
   settle(cur, st, p.cache_seqlens);
   if (cur.b > st.end_b) return;  // nothing to do (every thread agrees)
@@ -272,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     reg_dealloc<kRegsScore>();
     float m[2], l[2];
     int limit[2];
-    int prev_b = -1;
+    int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
@@ -281,6 +289,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int seqlen = p.cache_seqlens[b];
       if (b != prev_b) {  // a new sequence: its Q tile into shared memory, fresh softmax state
         prev_b = b;
+        split_base = p.num_splits[b];  // read now, used after the sequence's last page
+        n_splits = p.num_splits[b + 1] - split_base;
         const int row0 = m_tile * 64 + r0;
         named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
         // Q tile by TMA (9 boxes of 64 x 64, 128B swizzle; rows past s_q * h_q are zero-filled).
@@ -383,7 +393,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         scale_s[stage * 64 + r0 + 8] = sc[1];
       }
       if (last) {
-        const int n_splits = p.num_splits[b + 1] - p.num_splits[b];
         const int split = b == st.begin_b ? begin_split : 0;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -394,12 +403,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int row = m_tile * 64 + r0 + 8 * h;
           if (lane % 4 == 0) {
             inv_l_s[stage * 64 + r0 + 8 * h] = total > 0.f ? 1.f / total : 0.f;
+            if (tid == 0 && h == 0) slot_s[stage] = n_splits == 1 ? -1 : split_base + split;
             if (row < p.rows) {
               if (n_splits == 1)
                 p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] =
                     lse == -INFINITY ? INFINITY : lse;
               else
-                p.lse_accum[static_cast<int64_t>(p.num_splits[b] + split) * p.rows + row] = lse;
+                p.lse_accum[static_cast<int64_t>(split_base + split) * p.rows + row] = lse;
             }
           }
         }
@@ -415,7 +425,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool producer = tid == 128;  // issues the TMA page loads, kStages ahead
     Cursor ld = cur;
     auto issue_load = [&](int stage) {
-      const int block = p.block_table[static_cast<int64_t>(ld.b) * p.max_blocks + ld.page];
+      const int block = first_block_read && ld.b == st.begin_b && ld.page == st.begin_page
+                            ? first_block
+                            : p.block_table[static_cast<int64_t>(ld.b) * p.max_blocks + ld.page];
       mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
 #pragma unroll 1
       for (int c = 0; c < kChunks; ++c)
@@ -450,9 +462,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_regs(o);
       float inv[2] = {0.f, 0.f};
+      int slot = 0;
       if (last) {
         inv[0] = inv_l_s[stage * 64 + r0];
         inv[1] = inv_l_s[stage * 64 + r0 + 8];
+        slot = slot_s[stage];
       }
       mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
       if (producer && ld.b <= st.end_b) {  // both value warpgroups are done with the stage: refill it
@@ -460,20 +474,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue_load(stage);
       }
       if (last) {
-        const int split_base = p.num_splits[b];
-        const int n_splits = p.num_splits[b + 1] - split_base;
-        const int split = b == st.begin_b ? begin_split : 0;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = m_tile * 64 + r0 + 8 * h;
           if (row >= p.rows) continue;
-          if (n_splits == 1) {
+          if (slot < 0) {
             T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + v * 256 + col_base;
 #pragma unroll
             for (int j = 0; j < 32; ++j)
               *reinterpret_cast<uint32_t*>(dst + 8 * j) = pack2<T>(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
           } else {
-            float* dst = p.out_accum + (static_cast<int64_t>(split_base + split) * p.rows + row) * kHeadDimV + v * 256 + col_base;
+            float* dst = p.out_accum + (static_cast<int64_t>(slot) * p.rows + row) * kHeadDimV + v * 256 + col_base;
 #pragma unroll
             for (int j = 0; j < 32; ++j)
               *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
