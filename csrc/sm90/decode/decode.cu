@@ -68,47 +68,13 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   p.scale_log2 = a.softmax_scale * 1.4426950408889634f;
   p.causal = a.causal ? 1 : 0;
 
+  static bool attr_set = false;
+  if (!attr_set) {
+    cudaFuncSetAttribute(sm90::decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemAlloc);
+    attr_set = true;
+  }
   const dim3 grid((rows + kTileRows - 1) / kTileRows, a.num_parts);
-  // Query tiles in pairs share their page loads (TMA multicast in clusters of two), when every
-  // pair of the grid can be resident at once (a cluster needs its SMs in one GPC).
-  static const bool pairs_fit = [&] {
-    for (auto kernel : {sm90::decode_kernel<T, 1>, sm90::decode_kernel<T, 2>})
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemAlloc);
-    int sms = 0, device = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(2, sms / 2);
-    config.blockDim = dim3(sm90::kThreads);
-    config.dynamicSmemBytes = sm90::kSmemAlloc;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = 2;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, sm90::decode_kernel<T, 2>, &config) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
-    return 2 * clusters >= sms;
-  }();
-  const bool pairs = pairs_fit && grid.x % 2 == 0;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(sm90::kThreads);
-  config.dynamicSmemBytes = sm90::kSmemAlloc;
-  config.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 2;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = pairs ? 1 : 0;
-  cudaLaunchKernelEx(&config, pairs ? sm90::decode_kernel<T, 2> : sm90::decode_kernel<T, 1>, tmap_q, tmap_kv, p);
+  sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
 }
 
 }  // namespace

@@ -109,43 +109,6 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// Multicast: the boxes land at the same shared-memory offset in every CTA of `mask` (cluster
-// ranks), each signalling its own mbarrier at `bar`'s offset.
-__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
-                                                      uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(mask)
-      : "memory");
-}
-
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-// Arrive on the mbarrier at the same offset as `bar` in the CTA of cluster rank `rank`.
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-// Wait for a phase whose arrivals may come from other CTAs of the cluster.
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t phase) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(phase)
-        : "memory");
-  } while (!done);
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
-}
-
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 __device__ __forceinline__ void named_barrier(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
@@ -259,11 +222,7 @@ __device__ __forceinline__ void advance(Cursor& c, const Stretch& st, const int3
   }
 }
 
-// kCluster > 1: the grid is launched in clusters of kCluster CTAs along the tile axis (query
-// tiles of one stretch, hence the same pages). Each CTA's producer loads every kCluster-th chunk
-// of a page and multicasts it to all of them, so each page crosses from L2 once per cluster;
-// a stage is refilled once the value warpgroups of every CTA of the cluster are done with it.
-template <typename T, int kCluster>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   using QK = typename Gmma<T>::QK;
@@ -304,14 +263,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_full + 8 * s, 1);
       mbar_init(bar_pfull + 8 * s, 128);
-      mbar_init(bar_empty + 8 * s, kCluster == 1 ? 256 : 8 * kCluster);  // threads; or warps of the cluster
+      mbar_init(bar_empty + 8 * s, 256);
     }
     mbar_init(bar_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     fence_proxy_async();
   }
   __syncthreads();
-  if constexpr (kCluster > 1) cluster_sync();  // every CTA's barriers exist before any multicast or remote arrival
 
   // This thread's accumulator rows within the tile (wgmma D / A-fragment layout): r0 and r0 + 8.
   const int r0 = warp * 16 + lane / 4;
@@ -470,18 +428,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int block = first_block_read && ld.b == st.begin_b && ld.page == st.begin_page
                             ? first_block
                             : p.block_table[static_cast<int64_t>(ld.b) * p.max_blocks + ld.page];
-      mbar_expect_tx(bar_full + 8 * stage, kPageBytes);  // the whole page: this CTA's chunks and the others'
-      if constexpr (kCluster == 1) {
+      mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
 #pragma unroll 1
-        for (int c = 0; c < kChunks; ++c)
-          tma_load_2d(s_kv + stage * kPageBytes + c * kChunkBytes, &tmap_kv, bar_full + 8 * stage, c * kChunkCols,
-                      block * kPageSize);
-      } else {
-#pragma unroll 1
-        for (int c = static_cast<int>(cluster_rank()); c < kChunks; c += kCluster)
-          tma_load_2d_multicast(s_kv + stage * kPageBytes + c * kChunkBytes, &tmap_kv, bar_full + 8 * stage,
-                                c * kChunkCols, block * kPageSize, (1u << kCluster) - 1);
-      }
+      for (int c = 0; c < kChunks; ++c)
+        tma_load_2d(s_kv + stage * kPageBytes + c * kChunkBytes, &tmap_kv, bar_full + 8 * stage, c * kChunkCols,
+                    block * kPageSize);
       advance(ld, st, p.cache_seqlens);
     };
     if (producer)
@@ -517,19 +468,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         inv[1] = inv_l_s[stage * 64 + r0 + 8];
         slot = slot_s[stage];
       }
-      if constexpr (kCluster == 1) {
-        mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
-      } else {
-        __syncwarp();  // the warp's reads are done: one arrival per warp on every CTA's barrier
-        if (lane == 0)
-#pragma unroll
-          for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(bar_empty + 8 * stage, r);
-      }
-      if (producer && ld.b <= st.end_b) {  // both value warpgroups (of every CTA) are done with the stage: refill it
-        if constexpr (kCluster == 1)
-          mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);
-        else
-          mbar_wait_cluster(bar_empty + 8 * stage, (g / kStages) & 1);
+      mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
+      if (producer && ld.b <= st.end_b) {  // both value warpgroups are done with the stage: refill it
+        mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);
         issue_load(stage);
       }
       if (last) {
@@ -553,8 +494,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       advance(cur, st, p.cache_seqlens);
     }
   }
-  // No CTA leaves while another may still arrive on its barriers (or multicast into it).
-  if constexpr (kCluster > 1) cluster_sync();
 }
 
 }  // namespace mla::sm90
