@@ -40,12 +40,6 @@ constexpr int kPageBytes = kChunks * kChunkBytes;   // 72 KB
 constexpr int kStages = 2;
 constexpr int kKSteps = kHeadDim / 16;              // 36
 constexpr int kRegsScore = 152, kRegsValue = 176;   // setmaxnreg; 152 + 2 * 176 = 3 * 168
-// S = Q K^T: the first kQRegSteps k-steps take Q from WG0's registers (wgmma RS: only K is read
-// from shared memory), the rest from shared memory (SS), within WG0's register budget.
-#ifndef MLA_Q_REG_STEPS
-#define MLA_Q_REG_STEPS 24
-#endif
-constexpr int kQRegSteps = MLA_Q_REG_STEPS;
 
 // Shared memory map (offsets from a 1024-byte aligned base).
 // A stage's last chunk (the RoPE columns of K) is dead once S of its page is done; P of that
@@ -288,7 +282,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     int limit[2];
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
-    uint32_t qa[kQRegSteps > 0 ? kQRegSteps : 1][4];  // Q's A fragments of the first k-steps
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
       const int b = cur.b, page = cur.page;
@@ -309,19 +302,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         mbar_wait(bar_q, q_phase);
         q_phase ^= 1;
-        // This warp's 16 rows of Q for the register k-steps (ldmatrix.x4: rows r / r + 8 x
-        // columns k / k + 8 of each 16-column step, the wgmma A-fragment layout).
-        {
-          const int mi = lane / 8, row = warp * 16 + (mi % 2) * 8 + lane % 8;
-#pragma unroll
-          for (int k = 0; k < kQRegSteps; ++k) {
-            const int unit = 2 * (k % 4) + mi / 2;
-            const uint32_t addr = s_q + (k / 4) * kChunkBytes + row * 128 + ((unit ^ (row & 7)) << 4);
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(qa[k][0]), "=r"(qa[k][1]), "=r"(qa[k][2]), "=r"(qa[k][3])
-                         : "r"(addr));
-          }
-        }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int sq = (row0 + 8 * h) / p.h_q;
@@ -340,10 +320,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int k = 0; k < kKSteps; ++k) {
         const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
-        if (k < kQRegSteps)
-          gmma_rs<QK>(qa[k < kQRegSteps ? k : 0], desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
-        else
-          gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
+        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
       }
       wgmma_commit();
       wgmma_wait<0>();
