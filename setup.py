@@ -3,7 +3,8 @@
 The extension ``torch_mla._C`` is built when torch has CUDA, nvcc is found, csrc/ holds sources
 and the CUTLASS/CuTe headers are found (``CUTLASS_INCLUDE`` or the ``nvidia-cutlass`` wheel).
 Otherwise the package installs without it and every op runs through the reference.
-Set ``TORCH_MLA_NO_CUDA=1`` to skip the extension.
+Set ``TORCH_MLA_NO_CUDA=1`` to skip the extension; ``TORCH_MLA_TIMELINE=1`` builds the decode
+kernel with its per-page event clocks (for tools/timeline.py; slower, never for use).
 """
 
 import glob
@@ -46,6 +47,8 @@ def _extensions():
               "installing without the CUDA extension")
         return [], {}
     includes = [os.path.join(ROOT, "csrc"), cutlass, os.path.join(CUDA_HOME, "include", "cccl")]
+    # A measuring build for tools/timeline.py: the decode kernel records per-page event clocks.
+    timeline = ["-DMLA_TIMELINE"] if os.environ.get("TORCH_MLA_TIMELINE", "0") not in ("", "0") else []
     ext = CUDAExtension(
         name="torch_mla._C",
         sources=sources,
@@ -59,7 +62,7 @@ def _extensions():
                 "-DNDEBUG", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                 "-lineinfo",
-            ],
+            ] + timeline,
         },
         py_limited_api=False,
     )

@@ -88,3 +88,20 @@ void launch_decode(const DecodeArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace mla
+
+#ifdef MLA_TIMELINE
+// tools/timeline.py reads the kernel's event clocks (timeline.cuh) through these, with ctypes;
+// they exist only in a measuring build. Return: a cudaError_t (0 = success); size: int64 words.
+extern "C" __attribute__((visibility("default"))) long long mla_timeline_size() {
+  return sizeof(mla::sm90::timeline::buffer) / sizeof(long long);
+}
+extern "C" __attribute__((visibility("default"))) int mla_timeline_reset() {
+  void* ptr = nullptr;
+  cudaError_t err = cudaGetSymbolAddress(&ptr, mla::sm90::timeline::buffer);
+  if (err == cudaSuccess) err = cudaMemset(ptr, 0xFF, sizeof(mla::sm90::timeline::buffer));  // -1: not written
+  return err == cudaSuccess ? static_cast<int>(cudaDeviceSynchronize()) : static_cast<int>(err);
+}
+extern "C" __attribute__((visibility("default"))) int mla_timeline_read(long long* dst) {
+  return static_cast<int>(cudaMemcpyFromSymbol(dst, mla::sm90::timeline::buffer, sizeof(mla::sm90::timeline::buffer)));
+}
+#endif

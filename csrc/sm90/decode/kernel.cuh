@@ -29,6 +29,7 @@
 #include <utility>
 
 #include "launch.h"
+#include "sm90/decode/timeline.cuh"
 
 namespace mla::sm90 {
 
@@ -270,6 +271,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_proxy_async();
   }
   __syncthreads();
+  namespace tl = timeline;
+  if (tid == 128) tl::start();
 
   // This thread's accumulator rows within the tile (wgmma D / A-fragment layout): r0 and r0 + 8.
   const int r0 = warp * 16 + lane / 4;
@@ -314,7 +317,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ---- S = Q K^T (64 rows x 64 tokens)
       const int stage = g % kStages;
       const uint32_t s_stage = s_kv + stage * kPageBytes;
+      if (tid == 0) tl::page(g, tl::kScoreWaitFull);
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      if (tid == 0) tl::page(g, tl::kScoreIssue);
       float s[32];
       wgmma_fence();
 #pragma unroll
@@ -325,6 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
+      if (tid == 0) tl::page(g, tl::kScoreDone);
       named_barrier(3, 128);  // every warp's part of S is done before the stage's rows are zeroed / P overwrites K's RoPE chunk
 
       // ---- online softmax (log2 domain); rows r0, r0 + 8; tokens 8 j + col_base + {0, 1}
@@ -416,6 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       fence_proxy_async();  // P and the zeroed rows, written by threads, are read by wgmma next
       mbar_arrive(bar_pfull + 8 * stage);
+      if (tid == 0) tl::page(g, tl::kPReady);
       advance(cur, st, p.cache_seqlens);
     }
   } else {
@@ -435,20 +442,24 @@ __global__ void __launch_bounds__(kThreads, 1)
                     block * kPageSize);
       advance(ld, st, p.cache_seqlens);
     };
-    if (producer)
+    if (producer) {
       for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) issue_load(s);
+      tl::loads_issued();
+    }
 
 
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    int g = 0;
 #pragma unroll 1
-    for (int g = 0; cur.b <= st.end_b; ++g) {
+    for (; cur.b <= st.end_b; ++g) {
       const int b = cur.b;
       const bool last = cur.page + 1 == cur.hi;
       const int stage = g % kStages;
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       mbar_wait(bar_pfull + 8 * stage, (g / kStages) & 1);
+      if (producer) tl::page(g, tl::kValueIssue);
       const float sc0 = scale_s[stage * 64 + r0], sc1 = scale_s[stage * 64 + r0 + 8];
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
@@ -461,6 +472,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o);
+      if (producer) tl::page(g, tl::kValueDone);
+      if (tid == 256) tl::page(g, tl::kValue2Done);
       float inv[2] = {0.f, 0.f};
       int slot = 0;
       if (last) {
@@ -472,6 +485,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (producer && ld.b <= st.end_b) {  // both value warpgroups are done with the stage: refill it
         mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);
         issue_load(stage);
+        tl::page(g, tl::kRefillIssued);
       }
       if (last) {
 #pragma unroll
@@ -493,6 +507,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       advance(cur, st, p.cache_seqlens);
     }
+    if (producer) tl::end(g);
   }
 }
 
