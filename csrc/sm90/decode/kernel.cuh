@@ -3,7 +3,7 @@
 // One CTA = one 64-row query tile (rows = s_q * h_q flattened, row = s * h_q + h, zero-padded
 // to 64) x one scheduler stretch of KV pages (csrc/common/scheduler.cu), walked page by page
 // across the sequences of the stretch. 384 threads, three roles:
-//   WG0 (score warpgroup, 160 regs): per sequence, the Q tile into shared memory by TMA (9 boxes,
+//   WG0 (score warpgroup, 152 regs): per sequence, the Q tile into shared memory by TMA (9 boxes,
 //       128B swizzle, zero-filled past s_q * h_q rows; one mbarrier); per page: S = Q . K^T (wgmma m64n64k16, both operands in shared memory,
 //       36 k-steps), mask, online softmax for all 64 rows, P (bf16/fp16) written over the
 //       page's K-RoPE chunk (dead once S is done; same 64 x 64 swizzled tile), the per-row O
@@ -11,9 +11,7 @@
 //   WG1, WG2 (value warpgroups, 176 regs): each owns 256 of the 512 output dims:
 //       O = O * rescale + P . V (wgmma m64n256k16, 4 k-steps), epilogue per sequence.
 //       Thread 128 is the TMA producer: it refills a stage as soon as both have finished with it.
-// WG0 takes the pages of a sequence in pairs: it issues S of both before the softmax of the first,
-// so the tensor cores run S(i+1) during softmax(i) and P.V(i) during softmax(i+1) (v2.1 issued
-// S(i+1) after softmax(i), beside P.V(i), and the tensor cores idled through every softmax).
+// S of page i+1 (WG0) runs on the tensor cores while P.V of page i (WG1/2) does.
 // Shared memory: Q (72 KB), two 72 KB KV stages (TMA, 9 boxes of 64 x 64 with 128B swizzle),
 // 1 KB of row factors and the workspace slot of each stage's split, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
 // empty (WG1/2's 256 threads). fp32 accumulation throughout.
@@ -42,7 +40,7 @@ constexpr int kChunkBytes = kChunkCols * 64 * 2;    // 8 KB: 64 rows x 128 B
 constexpr int kPageBytes = kChunks * kChunkBytes;   // 72 KB
 constexpr int kStages = 2;
 constexpr int kKSteps = kHeadDim / 16;              // 36
-constexpr int kRegsScore = 160, kRegsValue = 176;   // setmaxnreg; 160 + 2 * 176 = 512: the whole register file
+constexpr int kRegsScore = 152, kRegsValue = 176;   // setmaxnreg; 152 + 2 * 176 = 3 * 168
 
 // Shared memory map (offsets from a 1024-byte aligned base).
 // A stage's last chunk (the RoPE columns of K) is dead once S of its page is done; P of that
@@ -282,20 +280,59 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     // ============================ score warpgroup: Q to shared memory per sequence; S, softmax, P
-    // Pages go in pairs within a sequence: S of both pages is issued before the softmax of the
-    // first, so the tensor cores compute S(g + 1) while this warpgroup runs softmax(g), and P.V(g)
-    // while it runs softmax(g + 1). A sequence's last page goes alone; the second product is then
-    // Q . Q^T, thrown away (it reads only the Q tile), so that every wgmma wait is unconditional.
     reg_dealloc<kRegsScore>();
     float m[2], l[2];
     int limit[2];
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
+#pragma unroll 1
+    for (int g = 0; cur.b <= st.end_b; ++g) {
+      const int b = cur.b, page = cur.page;
+      const bool last = page + 1 == cur.hi;
+      const int seqlen = p.cache_seqlens[b];
+      if (b != prev_b) {  // a new sequence: its Q tile into shared memory, fresh softmax state
+        prev_b = b;
+        split_base = p.num_splits[b];  // read now, used after the sequence's last page
+        n_splits = p.num_splits[b + 1] - split_base;
+        const int row0 = m_tile * 64 + r0;
+        named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
+        // Q tile by TMA (9 boxes of 64 x 64, 128B swizzle; rows past s_q * h_q are zero-filled).
+        if (tid == 0) {
+          mbar_expect_tx(bar_q, kPageBytes);
+#pragma unroll 1
+          for (int c = 0; c < kChunks; ++c)
+            tma_load_3d(s_q + c * kChunkBytes, &tmap_q, bar_q, c * kChunkCols, m_tile * 64, b);
+        }
+        mbar_wait(bar_q, q_phase);
+        q_phase ^= 1;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int sq = (row0 + 8 * h) / p.h_q;
+          limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
+          m[h] = -INFINITY;
+          l[h] = 0.f;
+        }
+      }
 
-    // Softmax of page g (S in s), P over its stage's RoPE chunk, the row factors; p_full arrives.
-    auto publish = [&](float (&s)[32], const int g, const int b, const int page, const bool last, const int seqlen) {
+      // ---- S = Q K^T (64 rows x 64 tokens)
       const int stage = g % kStages;
+      const uint32_t s_stage = s_kv + stage * kPageBytes;
+      if (tid == 0) tl::page(g, tl::kScoreWaitFull);
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      if (tid == 0) tl::page(g, tl::kScoreIssue);
+      float s[32];
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kKSteps; ++k) {
+        const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
+        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+      if (tid == 0) tl::page(g, tl::kScoreDone);
       named_barrier(3, 128);  // every warp's part of S is done before the stage's rows are zeroed / P overwrites K's RoPE chunk
+
       // ---- online softmax (log2 domain); rows r0, r0 + 8; tokens 8 j + col_base + {0, 1}
       const int tok0 = page * kPageSize + col_base;
       float mx[2] = {-INFINITY, -INFINITY};
@@ -386,76 +423,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async();  // P and the zeroed rows, written by threads, are read by wgmma next
       mbar_arrive(bar_pfull + 8 * stage);
       if (tid == 0) tl::page(g, tl::kPReady);
-    };
-
-#pragma unroll 1
-    for (int g = 0; cur.b <= st.end_b;) {
-      const int b = cur.b, page = cur.page;
-      const bool pair = page + 1 < cur.hi;  // the next page is of the same sequence and stretch
-      const int seqlen = p.cache_seqlens[b];
-      if (b != prev_b) {  // a new sequence: its Q tile into shared memory, fresh softmax state
-        prev_b = b;
-        split_base = p.num_splits[b];  // read now, used after the sequence's last page
-        n_splits = p.num_splits[b + 1] - split_base;
-        const int row0 = m_tile * 64 + r0;
-        named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
-        // Q tile by TMA (9 boxes of 64 x 64, 128B swizzle; rows past s_q * h_q are zero-filled).
-        if (tid == 0) {
-          mbar_expect_tx(bar_q, kPageBytes);
-#pragma unroll 1
-          for (int c = 0; c < kChunks; ++c)
-            tma_load_3d(s_q + c * kChunkBytes, &tmap_q, bar_q, c * kChunkCols, m_tile * 64, b);
-        }
-        mbar_wait(bar_q, q_phase);
-        q_phase ^= 1;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int sq = (row0 + 8 * h) / p.h_q;
-          limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
-          m[h] = -INFINITY;
-          l[h] = 0.f;
-        }
-      }
-
-      // ---- S = Q K^T (64 rows x 64 tokens) of page g, then of page g + 1 (or Q . Q^T, unused)
-      float s0[32], s1[32];
-      if (tid == 0) tl::page(g, tl::kScoreWaitFull);
-      mbar_wait(bar_full + 8 * (g % kStages), (g / kStages) & 1);
-      if (tid == 0) tl::page(g, tl::kScoreIssue);
-      const uint32_t k0 = s_kv + (g % kStages) * kPageBytes;
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < kKSteps; ++k) {
-        const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
-        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(k0 + koff), s0, k > 0, std::make_index_sequence<32>{});
-      }
-      wgmma_commit();
-      if (pair) {
-        if (tid == 0) tl::page(g + 1, tl::kScoreWaitFull);
-        mbar_wait(bar_full + 8 * ((g + 1) % kStages), ((g + 1) / kStages) & 1);
-        if (tid == 0) tl::page(g + 1, tl::kScoreIssue);
-      }
-      const uint32_t k1 = pair ? s_kv + ((g + 1) % kStages) * kPageBytes : s_q;
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < kKSteps; ++k) {
-        const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
-        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(k1 + koff), s1, k > 0, std::make_index_sequence<32>{});
-      }
-      wgmma_commit();
-      wgmma_wait<1>();
-      fence_regs(s0);
-      if (tid == 0) tl::page(g, tl::kScoreDone);
-      publish(s0, g, b, page, !pair, seqlen);
       advance(cur, st, p.cache_seqlens);
-      wgmma_wait<0>();
-      fence_regs(s1);
-      if (pair) {
-        if (tid == 0) tl::page(g + 1, tl::kScoreDone);
-        publish(s1, g + 1, b, page + 1, page + 2 == cur.hi, seqlen);
-        advance(cur, st, p.cache_seqlens);
-      }
-      g += pair ? 2 : 1;
     }
   } else {
     // ============================ value warpgroups: O[:, 256 v : 256 v + 256] += P V
