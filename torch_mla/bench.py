@@ -5,8 +5,9 @@ bandwidth, bf16 8192^3 matrix rate) in the same run, then for each shape builds 
 with pages scattered by a random permutation, checks the result against the reference, and
 times ``mla.decode`` (metadata made once beforehand, as FlashMLA is timed) two ways:
 ``triton.testing.do_bench`` (median) around the Python call, and the replay of a CUDA graph of
-the same call. Each row: µs, GB/s, TFLOP/s, fractions of the ceilings, FlashMLA's figure on the
-same H100 and our speed-up over it (its µs / ours).
+the same call. Each row: µs, GB/s, TFLOP/s, fractions of the ceilings, FlashMLA's figure (measured
+on an H100 80GB HBM3; on another device the bench says so, since the comparison then crosses
+devices) and our speed-up over it (its µs / ours).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch_mla import reference
 HEAD_DIM, HEAD_DIM_V, PAGE = 576, 512, 64
 
 # FlashMLA (April 2025), H100 80GB HBM3, BENCHMARKS.md: (b, s_q, seqlen, h_q) -> (µs fixed, µs varlen)
+FLASHMLA_DEVICE = "NVIDIA H100 80GB HBM3"
 FLASHMLA_US = {
     (128, 1, 4096, 16): (231, 244), (128, 1, 4096, 64): (234, 252), (128, 1, 4096, 128): (266, 304),
     (128, 2, 4096, 128): (483, 500), (128, 1, 8192, 16): (441, 450), (128, 1, 8192, 128): (544, 575),
@@ -168,6 +170,9 @@ def main(argv=None):
         ceilings = measure_ceilings()
         print(f"device: {torch.cuda.get_device_name()}  copy {ceilings['copy_GBps']:.0f} GB/s  "
               f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
+        if torch.cuda.get_device_name() != FLASHMLA_DEVICE:
+            print(f"note: the FlashMLA figures (flashmla_us, x, graph_x) were measured on an {FLASHMLA_DEVICE}, "
+                  f"not on this {torch.cuda.get_device_name()}: those columns compare across devices", flush=True)
         results = []
         for i, (b, s_q, h_q, seqlen, varlen) in enumerate(shapes(args.quick, args.small)):
             row = bench_shape(b, s_q, h_q, seqlen, varlen, ceilings, seed=i + 1)
@@ -184,7 +189,8 @@ def main(argv=None):
         except OSError:
             commit = ""
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+            json.dump({"device": torch.cuda.get_device_name(), "flashmla_device": FLASHMLA_DEVICE,
+                       "torch": torch.__version__, "commit": commit,
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
                        "ceilings": ceilings, "rows": results}, f, indent=1)
     bad = [r for r in results if not r["ok"]]
