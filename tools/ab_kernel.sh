@@ -9,21 +9,20 @@
 # Builds A and B, each plain and as the measuring build (TORCH_MLA_TIMELINE=1, when the tree has
 # tools/timeline.py), all four at once; then on the GPU, one step at a time: B's GPU tests, the
 # quick bench of A, B, B, A (the spread between the two runs of one version is the noise), each
-# version's timeline, compute-sanitizer memcheck and racecheck on B. STEPS="..." picks steps
+# version's timeline, compute-sanitizer memcheck and racecheck on B (the tests and sanitizer are
+# tools/gpu_check.sh's steps, run with SKIP_BUILD=1 in B's tree). STEPS="..." picks steps
 # (default: tests quick timeline sanitize). Every step has a time limit and a timestamp; logs go
-# to $OUT: run.log, build.log, quick-{a,b}{1,2}.json, timeline-{a,b}.json (8 files, the most
-# the device tool brings back).
+# to $OUT: run.log, build.log, quick-{a,b}{1,2}.json, timeline-{a,b}.json (8 files, the most the
+# device tool brings back).
 set -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 A=$(realpath "$1") || exit 2; B=$(realpath "$2") || exit 2
+TOOLS=$(realpath "$(dirname "$0")")
 STEPS=${STEPS:-tests quick timeline sanitize}
 export PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
-  if [ -z "${CUTLASS_INCLUDE:-}" ] && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/nvidia_cutlass-*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  source "$TOOLS/cutlass_env.sh"
   W=/tmp/ab; rm -rf $W; mkdir -p $W
   pids=()
   for v in a b; do
@@ -43,17 +42,13 @@ export PYTHONUNBUFFERED=1
               --json "$OUT/quick-$1$2.json" 2>&1 | grep -E "^(b=|device|[0-9]+ shapes)"); }
   for step in $STEPS; do
     case $step in
-      tests) echo "== $(date +%T) GPU tests, B"; (cd $W/b0 && timeout 240 python3 -m pytest -q -x \
-               tests/test_cuda_decode.py tests/test_cuda_validation.py 2>&1 | tail -5) ;;
+      tests|sanitize) limit=240; [ $step = sanitize ] && limit=400
+                      echo "== $(date +%T) $step, B"
+                      (cd $W/b0 && SKIP_BUILD=1 OUT=$W/check timeout $limit bash "$TOOLS/gpu_check.sh" $step) ;;
       quick) quick a 1; quick b 1; quick b 2; quick a 2 ;;
       timeline) for v in a b; do
                   [ -d $W/${v}1 ] || continue
                   echo "== $(date +%T) timeline $v"; (cd $W/${v}1 && timeout 120 python3 tools/timeline.py --json "$OUT/timeline-$v.json")
-                done ;;
-      sanitize) for tool in memcheck racecheck; do
-                  echo "== $(date +%T) $tool, B"; (cd $W/b0 && timeout 150 compute-sanitizer --tool $tool python3 -m pytest -q -x \
-                    tests/test_cuda_decode.py -k "dtypes_and_softmax_scale or metadata_from_get_metadata or write_cache_then_decode" \
-                    2>&1 | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed")
                 done ;;
     esac
   done

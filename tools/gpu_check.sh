@@ -2,19 +2,20 @@
 # Build the CUDA extension on a GPU machine, then check and time it; logs go to $OUT (or ./gpu-out).
 # Usage: tools/gpu_check.sh [tests] [quick|bench] [sanitize] [decoder]
 # Needs the nvidia-cutlass wheel (CUTLASS/CuTe headers) in .whl/ when no CUTLASS_INCLUDE is set.
+# SKIP_BUILD=1: run the steps on the extension already built in the current folder
+# (tools/ab_kernel.sh builds its trees itself, then runs this script's steps in them).
 set -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-if [ -z "${CUTLASS_INCLUDE:-}" ] && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/nvidia_cutlass-*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ "${SKIP_BUILD:-0}" = 0 ]; then
+  source "$(dirname "$0")/cutlass_env.sh"
+  rm -rf build torch_mla/_C*.so  # a clean build: a changed header alone must not be missed
+  t0=$(date +%s)
+  # -Xptxas -v: registers, spills and the C75xx warnings (wgmma serialised) reach the log only with it.
+  NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas -v" python3 setup.py build_ext --inplace \
+    > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - t0 )) s"; grep -E "C75[0-9]{2}|registers|spill" "$OUT/build.log" | sort | uniq -c | head
 fi
-rm -rf build torch_mla/_C*.so  # a clean build: a changed header alone must not be missed
-t0=$(date +%s)
-# -Xptxas -v: registers, spills and the C75xx warnings (wgmma serialised) reach the log only with it.
-NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-Xptxas -v" python3 setup.py build_ext --inplace \
-  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - t0 )) s"; grep -E "C75[0-9]{2}|registers|spill" "$OUT/build.log" | sort | uniq -c | head
 python3 -c "import torch_mla, torch; assert torch_mla.has_cuda_kernel(), torch_mla._CUDA_KERNEL_ERROR; print(torch.cuda.get_device_name())" || exit 1
 so=$(ls torch_mla/_C*.so | head -1)
 cuobjdump -sass "$so" 2>/dev/null | grep -oE "HGMMA\.[0-9x]+\.F32\.[A-Z0-9]+|HMMA\.[0-9]+" | sort | uniq -c

@@ -168,11 +168,12 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.inference_mode():
         ceilings = measure_ceilings()
-        print(f"device: {torch.cuda.get_device_name()}  copy {ceilings['copy_GBps']:.0f} GB/s  "
+        device = torch.cuda.get_device_name()
+        print(f"device: {device}  copy {ceilings['copy_GBps']:.0f} GB/s  "
               f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
-        if torch.cuda.get_device_name() != FLASHMLA_DEVICE:
+        if device != FLASHMLA_DEVICE:
             print(f"note: the FlashMLA figures (flashmla_us, x, graph_x) were measured on an {FLASHMLA_DEVICE}, "
-                  f"not on this {torch.cuda.get_device_name()}: those columns compare across devices", flush=True)
+                  f"not on this {device}: those columns compare across devices", flush=True)
         results = []
         for i, (b, s_q, h_q, seqlen, varlen) in enumerate(shapes(args.quick, args.small)):
             row = bench_shape(b, s_q, h_q, seqlen, varlen, ceilings, seed=i + 1)
@@ -189,7 +190,7 @@ def main(argv=None):
         except OSError:
             commit = ""
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "flashmla_device": FLASHMLA_DEVICE,
+            json.dump({"device": device, "flashmla_device": FLASHMLA_DEVICE,
                        "torch": torch.__version__, "commit": commit,
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
                        "ceilings": ceilings, "rows": results}, f, indent=1)

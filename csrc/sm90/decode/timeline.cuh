@@ -3,8 +3,8 @@
 // Built with -DMLA_TIMELINE (`TORCH_MLA_TIMELINE=1 python setup.py build_ext --inplace`): one
 // thread of each role writes clock64() at fixed points of every page into a device buffer, for
 // the CTAs of the first kTiles query tiles x kParts stretches. Without the macro every call
-// here is empty and the kernel is unchanged. The host reads the buffer through two extern "C"
-// functions of the extension (decode.cu), so no op or schema knows about it.
+// here is empty and the kernel is unchanged. The host resets and reads the buffer through three
+// extern "C" functions of the extension (decode.cu), so no op or schema knows about it.
 #pragma once
 
 namespace mla::sm90::timeline {
