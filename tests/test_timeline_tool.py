@@ -60,3 +60,13 @@ def test_unwritten_events_and_short_or_extra_ctas_take_no_part():
     assert result["summary_us"]["P.V (WG1)"] == pytest.approx((offsets[tl.PV_DONE] - offsets[tl.PV_ISSUE]) / 1e3)
     few = synthetic(2, 2_000, offsets, 1.0)  # the first two pages of a stretch are left out: nothing remains
     assert tl.analyse(few, tiles=1)["ctas"] == []
+
+
+def test_a_stretch_longer_than_the_buffer_is_traced_up_to_its_last_row():
+    # A CTA may walk more pages than the buffer has rows (the kernel writes none past them).
+    offsets = [10 * (e + 1) for e in range(tl.EVENTS)]
+    buf = synthetic(tl.ROWS - 1, 2_000, offsets, 1.0)
+    buf[0, 0, 0, tl.PAGES_DONE] = 3 * tl.ROWS
+    result = tl.analyse(buf, tiles=1)
+    assert result["ctas"][0]["pages"] == 3 * tl.ROWS and len(result["ctas"][0]["events_us"]) == tl.ROWS - 1
+    assert result["summary_us"]["period (S issue to next S issue)"] == pytest.approx(2.0)

@@ -38,7 +38,7 @@ export PYTHONUNBUFFERED=1
   t0=$(date +%s); wait "${pids[@]}"; echo "builds: $(( $(date +%s) - t0 )) s"  # never a bare wait: tee is a child too
   for log in $W/build-*.log; do echo "== $log"; grep -E "C75[0-9]{2}|spill" "$log" | sort | uniq -c | head -4; done
   cat $W/build-*.log > "$OUT/build.log"
-  quick() { echo "== $(date +%T) quick $1 ($2)"; (cd $W/${1}0 && timeout 150 python3 -m torch_mla.bench --quick \
+  quick() { echo "== $(date +%T) quick $1 ($2)"; (cd $W/${1}0 && timeout 60 python3 -m torch_mla.bench --quick \
               --json "$OUT/quick-$1$2.json" 2>&1 | grep -E "^(b=|device|[0-9]+ shapes)"); }
   for step in $STEPS; do
     case $step in

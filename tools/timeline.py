@@ -85,13 +85,14 @@ def analyse(tl: torch.Tensor, tiles: int) -> dict:
             if pages <= 2 or h[END_CLOCK] <= h[START_CLOCK]:
                 continue
             ns_per_clock = (h[END_NS] - h[START_NS]) / (h[END_CLOCK] - h[START_CLOCK])
-            ev = tl[part, tile, 1 : pages + 1].tolist()
+            traced = min(pages, ROWS - 1)  # pages past the buffer's rows go untraced
+            ev = tl[part, tile, 1 : traced + 1].tolist()
             ctas.append({"part": part, "tile": tile, "sm": h[SM_ID], "pages": pages,
                          "us": (h[END_NS] - h[START_NS]) / 1e3, "ns_per_clock": ns_per_clock,
                          "events_us": [[(e - h[START_CLOCK]) * ns_per_clock / 1e3 if e >= 0 else None for e in row]
                                        for row in ev]})
             for name, (late, off, early) in PHASES.items():
-                for g in range(2, pages - off):
+                for g in range(2, traced - off):
                     a, b = ev[g + off][late], ev[g][early]
                     if a >= 0 and b >= 0:
                         samples[name].append((a - b) * ns_per_clock / 1e3)
