@@ -431,16 +431,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int v = wg - 1;
     const bool producer = tid == 128;  // issues the TMA page loads, kStages ahead
     Cursor ld = cur;
+    auto block_of = [&](const Cursor& c) {
+      return first_block_read && c.b == st.begin_b && c.page == st.begin_page
+                 ? first_block
+                 : p.block_table[static_cast<int64_t>(c.b) * p.max_blocks + c.page];
+    };
+    // The block of the next page to load is read one load ahead: that global read (often a DRAM
+    // miss, ~0.5-1 us) then runs under P.V instead of between P.V's end and the stage's refill.
+    int next_block = producer ? block_of(ld) : 0;
     auto issue_load = [&](int stage) {
-      const int block = first_block_read && ld.b == st.begin_b && ld.page == st.begin_page
-                            ? first_block
-                            : p.block_table[static_cast<int64_t>(ld.b) * p.max_blocks + ld.page];
       mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
 #pragma unroll 1
       for (int c = 0; c < kChunks; ++c)
         tma_load_2d(s_kv + stage * kPageBytes + c * kChunkBytes, &tmap_kv, bar_full + 8 * stage, c * kChunkCols,
-                    block * kPageSize);
+                    next_block * kPageSize);
       advance(ld, st, p.cache_seqlens);
+      if (ld.b <= st.end_b) next_block = block_of(ld);
     };
     if (producer) {
       for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) issue_load(s);
