@@ -30,7 +30,7 @@ EncodeTiled encode_fn() {
 CUtensorMap make_map(const void* base, DType dtype, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
                      const cuuint32_t* box) {
   CUtensorMap map;
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
   CUresult r = encode_fn()(&map, dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
                            rank, const_cast<void*>(base), dims, strides, box, elem_strides,
                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -42,13 +42,19 @@ CUtensorMap make_map(const void* base, DType dtype, int rank, const cuuint64_t* 
 template <typename T>
 void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   const int rows = a.s_q * a.h_q;
-  const cuuint64_t q_dims[3] = {kHeadDim, static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(a.batch)};
-  const cuuint64_t q_strides[2] = {kHeadDim * 2, static_cast<cuuint64_t>(rows) * kHeadDim * 2};
-  const cuuint32_t box[3] = {sm90::kChunkCols, 64, 1};
-  const CUtensorMap tmap_q = make_map(a.q, a.dtype, 3, q_dims, q_strides, box);
-  const cuuint64_t kv_dims[2] = {kHeadDim, static_cast<cuuint64_t>(a.num_blocks) * kPageSize};
-  const cuuint64_t kv_strides[1] = {kHeadDim * 2};
-  const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 2, kv_dims, kv_strides, box);
+  // A 64-row tile (a page of the cache, or 64 query rows) lands in shared memory as kChunks
+  // chunks of 64 rows x 64 columns (128 B rows, 128B swizzle), chunk after chunk: in global
+  // memory that is the view (column in chunk, row, chunk), strides (2 B, 1152 B, 128 B), so one
+  // TMA box of 64 x 64 x 9 carries the whole tile (nine 2-D boxes took nine issues).
+  constexpr cuuint64_t kRowBytes = kHeadDim * 2, kChunkStride = sm90::kChunkCols * 2;
+  const cuuint64_t q_dims[4] = {sm90::kChunkCols, static_cast<cuuint64_t>(rows), sm90::kChunks,
+                                static_cast<cuuint64_t>(a.batch)};
+  const cuuint64_t q_strides[3] = {kRowBytes, kChunkStride, static_cast<cuuint64_t>(rows) * kRowBytes};
+  const cuuint32_t box[4] = {sm90::kChunkCols, 64, sm90::kChunks, 1};
+  const CUtensorMap tmap_q = make_map(a.q, a.dtype, 4, q_dims, q_strides, box);
+  const cuuint64_t kv_dims[3] = {sm90::kChunkCols, static_cast<cuuint64_t>(a.num_blocks) * kPageSize, sm90::kChunks};
+  const cuuint64_t kv_strides[2] = {kRowBytes, kChunkStride};
+  const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 3, kv_dims, kv_strides, box);
 
   sm90::Params p;
   p.q = a.q;

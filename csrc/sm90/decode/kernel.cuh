@@ -3,7 +3,7 @@
 // One CTA = one 64-row query tile (rows = s_q * h_q flattened, row = s * h_q + h, zero-padded
 // to 64) x one scheduler stretch of KV pages (csrc/common/scheduler.cu), walked page by page
 // across the sequences of the stretch. 384 threads, three roles:
-//   WG0 (score warpgroup, 152 regs): per sequence, the Q tile into shared memory by TMA (9 boxes,
+//   WG0 (score warpgroup, 152 regs): per sequence, the Q tile into shared memory by TMA (one box,
 //       128B swizzle, zero-filled past s_q * h_q rows; one mbarrier); per page: S = Q . K^T (wgmma m64n64k16, both operands in shared memory,
 //       36 k-steps), mask, online softmax for all 64 rows, P (bf16/fp16) written over the
 //       page's K-RoPE chunk (dead once S is done; same 64 x 64 swizzled tile), the per-row O
@@ -12,7 +12,7 @@
 //       O = O * rescale + P . V (wgmma m64n256k16, 4 k-steps), epilogue per sequence.
 //       Thread 128 is the TMA producer: it refills a stage as soon as both have finished with it.
 // S of page i+1 (WG0) runs on the tensor cores while P.V of page i (WG1/2) does.
-// Shared memory: Q (72 KB), two 72 KB KV stages (TMA, 9 boxes of 64 x 64 with 128B swizzle),
+// Shared memory: Q (72 KB), two 72 KB KV stages (TMA, one 64 x 64 x 9 box: nine 64 x 64 chunks with 128B swizzle),
 // 1 KB of row factors and the workspace slot of each stage's split, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
 // empty (WG1/2's 256 threads). fp32 accumulation throughout.
 // (Q in WG0's registers, which would free 72 KB for a third stage, does not fit: WG0 then needs
@@ -95,18 +95,20 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
   } while (!done);
 }
 
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
-      : "memory");
-}
-
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
   asm volatile(
       "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(
           dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2,
+                                            int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
 }
 
@@ -296,12 +298,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         n_splits = p.num_splits[b + 1] - split_base;
         const int row0 = m_tile * 64 + r0;
         named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
-        // Q tile by TMA (9 boxes of 64 x 64, 128B swizzle; rows past s_q * h_q are zero-filled).
+        // Q tile by TMA (one box, nine 64 x 64 chunks, 128B swizzle; rows past s_q * h_q are zero-filled).
         if (tid == 0) {
           mbar_expect_tx(bar_q, kPageBytes);
-#pragma unroll 1
-          for (int c = 0; c < kChunks; ++c)
-            tma_load_3d(s_q + c * kChunkBytes, &tmap_q, bar_q, c * kChunkCols, m_tile * 64, b);
+          tma_load_4d(s_q, &tmap_q, bar_q, 0, m_tile * 64, 0, b);
         }
         mbar_wait(bar_q, q_phase);
         q_phase ^= 1;
@@ -441,10 +441,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int next_block = producer ? block_of(ld) : 0;
     auto issue_load = [&](int stage) {
       mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
-#pragma unroll 1
-      for (int c = 0; c < kChunks; ++c)
-        tma_load_2d(s_kv + stage * kPageBytes + c * kChunkBytes, &tmap_kv, bar_full + 8 * stage, c * kChunkCols,
-                    next_block * kPageSize);
+      tma_load_3d(s_kv + stage * kPageBytes, &tmap_kv, bar_full + 8 * stage, 0, next_block * kPageSize, 0);
       advance(ld, st, p.cache_seqlens);
       if (ld.b <= st.end_b) next_block = block_of(ld);
     };
