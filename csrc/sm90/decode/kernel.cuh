@@ -12,7 +12,7 @@
 //       O = O * rescale + P . V (wgmma m64n256k16, 4 k-steps), epilogue per sequence.
 //       Thread 128 is the TMA producer: it refills a stage as soon as both have finished with it.
 // S of page i+1 (WG0) runs on the tensor cores while P.V of page i (WG1/2) does.
-// Shared memory: Q (72 KB), two 72 KB KV stages (TMA, nine 64 x 64 chunks with 128B swizzle, each on its own full barrier),
+// Shared memory: Q (72 KB), two 72 KB KV stages (TMA, one 64 x 64 x 9 box: nine 64 x 64 chunks with 128B swizzle),
 // 1 KB of row factors and the workspace slot of each stage's split, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
 // empty (WG1/2's 256 threads). fp32 accumulation throughout.
 // (Q in WG0's registers, which would free 72 KB for a third stage, does not fit: WG0 then needs
@@ -50,8 +50,8 @@ constexpr int kSmemKV = kSmemQ + kPageBytes;
 constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
 constexpr int kSmemSlot = kSmemInvL + kStages * 64 * 4;   // int [kStages]: workspace slot of the split (-1: out)
-constexpr int kSmemBar = kSmemSlot + 64;  // uint64: full [kStages][kChunks], p_full [kStages], empty [kStages], Q
-constexpr int kSmemUsed = kSmemBar + ((kChunks + 2) * kStages + 1) * 8;
+constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [3][kStages]: full, p_full, empty
+constexpr int kSmemUsed = kSmemBar + (3 * kStages + 1) * 8;  // + the Q barrier
 constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
@@ -238,8 +238,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* scale_s = reinterpret_cast<float*>(smem + kSmemScale);
   float* inv_l_s = reinterpret_cast<float*>(smem + kSmemInvL);
   int* slot_s = reinterpret_cast<int*>(smem + kSmemSlot);
-  const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * (stage * kChunks + c): chunk c has landed (TMA)
-  const uint32_t bar_pfull = bar_full + 8 * kStages * kChunks;  // P and row factors written (WG0, 128 arrivals)
+  const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * stage: the page has landed (TMA)
+  const uint32_t bar_pfull = bar_full + 8 * kStages;            // P and row factors written (WG0, 128 arrivals)
   const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
   const uint32_t bar_q = bar_empty + 8 * kStages;               // the Q tile has landed (TMA)
 
@@ -263,8 +263,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (cur.b > st.end_b) return;  // nothing to do (every thread agrees)
 
   if (tid == 0) {
-    for (int c = 0; c < kStages * kChunks; ++c) mbar_init(bar_full + 8 * c, 1);
     for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_full + 8 * s, 1);
       mbar_init(bar_pfull + 8 * s, 128);
       mbar_init(bar_empty + 8 * s, 256);
     }
@@ -314,22 +314,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
 
-      // ---- S = Q K^T (64 rows x 64 tokens), chunk by chunk as the page's chunks land: the
-      // k-steps of chunk c are issued once its barrier completes, the earlier ones already running.
+      // ---- S = Q K^T (64 rows x 64 tokens)
       const int stage = g % kStages;
       const uint32_t s_stage = s_kv + stage * kPageBytes;
-      const uint32_t phase = (g / kStages) & 1;
       if (tid == 0) tl::page(g, tl::kScoreWaitFull);
-      mbar_wait(bar_full + 8 * (stage * kChunks), phase);
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       if (tid == 0) tl::page(g, tl::kScoreIssue);
       float s[32];
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < kKSteps; ++k) {
-        if (k % 4 == 0 && k > 0) {  // (the fence after a wait: as CUTLASS's mainloops; ptxas injects it otherwise)
-          mbar_wait(bar_full + 8 * (stage * kChunks + k / 4), phase);
-          wgmma_fence();
-        }
         const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
         gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
       }
@@ -446,12 +440,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // miss, ~0.5-1 us) then runs under P.V instead of between P.V's end and the stage's refill.
     int next_block = producer ? block_of(ld) : 0;
     auto issue_load = [&](int stage) {
-#pragma unroll 1
-      for (int c = 0; c < kChunks; ++c) {  // chunk by chunk, each on its own barrier (S starts on the first)
-        const uint32_t bar = bar_full + 8 * (stage * kChunks + c);
-        mbar_expect_tx(bar, kChunkBytes);
-        tma_load_3d(s_kv + stage * kPageBytes + c * kChunkBytes, &tmap_kv, bar, 0, next_block * kPageSize, c);
-      }
+      mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
+      tma_load_3d(s_kv + stage * kPageBytes, &tmap_kv, bar_full + 8 * stage, 0, next_block * kPageSize, 0);
       advance(ld, st, p.cache_seqlens);
       if (ld.b <= st.end_b) next_block = block_of(ld);
     };
@@ -470,8 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int b = cur.b;
       const bool last = cur.page + 1 == cur.hi;
       const int stage = g % kStages;
-#pragma unroll
-      for (int c = 4 * v; c < 4 * v + 4; ++c) mbar_wait(bar_full + 8 * (stage * kChunks + c), (g / kStages) & 1);  // this warpgroup's V
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       mbar_wait(bar_pfull + 8 * stage, (g / kStages) & 1);
       if (producer) tl::page(g, tl::kValueIssue);
       const float sc0 = scale_s[stage * 64 + r0], sc1 = scale_s[stage * 64 + r0 + 8];
