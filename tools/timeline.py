@@ -27,7 +27,6 @@ import torch_mla
 from torch_mla.bench import make_inputs
 
 PARTS, TILES, ROWS, EVENTS = 8, 4, 256, 8  # timeline.cuh
-STAGES = 4  # kernel.cuh kStages: a unit (half a page) refilled in stage g % STAGES is unit g + STAGES
 (WAIT_FULL, S_ISSUE, S_DONE, P_READY, PV_ISSUE, PV_DONE, REFILL, PV2_DONE) = range(EVENTS)
 START_CLOCK, START_NS, END_CLOCK, END_NS, PAGES_DONE, SM_ID, FIRST_LOADS = range(7)
 
@@ -39,7 +38,7 @@ SHAPES = [  # (batch, s_q, seqlen, h_q)
     (8, 1, 8192, 128),
 ]
 
-# name: (later event, its unit offset, earlier event): a phase of unit g (half a page) is
+# name: (later event, its page offset, earlier event): a phase of page g is
 # event(g + offset) - earlier event(g).
 PHASES = {
     "period (S issue to next S issue)": (S_ISSUE, 1, S_ISSUE),
@@ -50,7 +49,7 @@ PHASES = {
     "P.V (WG1)": (PV_DONE, 0, PV_ISSUE),
     "P.V (WG2), from WG1's issue": (PV2_DONE, 0, PV_ISSUE),
     "P.V done -> refill issued": (REFILL, 0, PV_DONE),
-    "refill issued -> S of that stage's next unit issued": (S_ISSUE, STAGES, REFILL),
+    "refill issued -> S of that page issued": (S_ISSUE, 2, REFILL),
     "S issue of page g+1 - P.V issue of page g": (S_ISSUE, 1, PV_ISSUE),
     "P ready (g) -> S issue (g+1)": (S_ISSUE, 1, P_READY),
     "P.V (WG1) done (g) -> P ready (g+1)": (P_READY, 1, PV_DONE),

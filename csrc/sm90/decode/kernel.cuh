@@ -1,26 +1,22 @@
-// Hopper (sm90a) split-KV MLA decode kernel, v4: three warpgroups, half-page stages.
+// Hopper (sm90a) split-KV MLA decode kernel, v2: three warpgroups.
 //
 // One CTA = one 64-row query tile (rows = s_q * h_q flattened, row = s * h_q + h, zero-padded
 // to 64) x one scheduler stretch of KV pages (csrc/common/scheduler.cu), walked page by page
-// across the sequences of the stretch. The KV pipeline's unit is half a page (32 tokens, 36 KB):
-// four stages of it, two pages, in the room v2.1 gave two whole pages; a stage is held for half
-// the work, so more bytes are in flight. 384 threads, three roles:
+// across the sequences of the stretch. 384 threads, three roles:
 //   WG0 (score warpgroup, 152 regs): per sequence, the Q tile into shared memory by TMA (one box,
-//       128B swizzle, zero-filled past s_q * h_q rows; one mbarrier); per page: S = Q . K^T of both
-//       halves issued back to back (wgmma m64n32k16, both operands in shared memory, 36 k-steps
-//       each, two accumulators), then per half: mask, online softmax for all 64 rows, P
-//       (bf16/fp16, 64 x 32, 64B swizzle) written over the half's K-RoPE chunk (dead once its S
-//       is done), the per-row O rescale factor (and 1 / row sum on a sequence's last half) into
-//       the stage's slot. The first half's softmax runs while the tensor cores compute the second S.
-//   WG1, WG2 (value warpgroups, 176 regs): each owns 256 of the 512 output dims, per half page:
-//       O = O * rescale + P . V (wgmma m64n256k16, 2 k-steps), epilogue per sequence.
+//       128B swizzle, zero-filled past s_q * h_q rows; one mbarrier); per page: S = Q . K^T (wgmma m64n64k16, both operands in shared memory,
+//       36 k-steps), mask, online softmax for all 64 rows, P (bf16/fp16) written over the
+//       page's K-RoPE chunk (dead once S is done; same 64 x 64 swizzled tile), the per-row O
+//       rescale factor (and 1 / row sum on a sequence's last page) into the stage's slot.
+//   WG1, WG2 (value warpgroups, 176 regs): each owns 256 of the 512 output dims:
+//       O = O * rescale + P . V (wgmma m64n256k16, 4 k-steps), epilogue per sequence.
 //       Thread 128 is the TMA producer: it refills a stage as soon as both have finished with it.
-// Shared memory: Q (72 KB), four 36 KB KV stages (TMA, one 64 x 32 x 9 box: nine 32-row chunks with
-// 128B swizzle), 2 KB of row factors and the workspace slot of each stage's split, mbarriers per
-// stage: full (TMA bytes), p_full (WG0's 128 threads), empty (WG1/2's 256 threads). fp32
-// accumulation throughout.
-// (Q in WG0's registers does not fit: WG0 then needs ~210 registers and each value warpgroup 160,
-// over the 3 x 168 the CTA has; any setmaxnreg split must sum to at most 3 x 168.)
+// S of page i+1 (WG0) runs on the tensor cores while P.V of page i (WG1/2) does.
+// Shared memory: Q (72 KB), two 72 KB KV stages (TMA, one 64 x 64 x 9 box: nine 64 x 64 chunks with 128B swizzle),
+// 1 KB of row factors and the workspace slot of each stage's split, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
+// empty (WG1/2's 256 threads). fp32 accumulation throughout.
+// (Q in WG0's registers, which would free 72 KB for a third stage, does not fit: WG0 then needs
+// ~210 registers and each value warpgroup 160, over the 3 x 168 the CTA has.)
 
 #pragma once
 
@@ -40,21 +36,18 @@ namespace mla::sm90 {
 constexpr int kThreads = 384;                       // three warpgroups
 constexpr int kChunkCols = 64;                      // columns per TMA box / swizzle atom row
 constexpr int kChunks = kHeadDim / kChunkCols;      // 9
-constexpr int kChunkBytes = kChunkCols * 64 * 2;    // 8 KB: 64 rows x 128 B (a chunk of the Q tile)
-constexpr int kPageBytes = kChunks * kChunkBytes;   // 72 KB: the Q tile
-constexpr int kHalf = kPageSize / 2;                // 32 tokens: the unit of the KV pipeline, half a page
-constexpr int kHalfChunkBytes = kChunkCols * kHalf * 2;  // 4 KB: 32 rows x 128 B
-constexpr int kHalfBytes = kChunks * kHalfChunkBytes;    // 36 KB
-constexpr int kStages = 4;                          // half-page stages (two pages)
+constexpr int kChunkBytes = kChunkCols * 64 * 2;    // 8 KB: 64 rows x 128 B
+constexpr int kPageBytes = kChunks * kChunkBytes;   // 72 KB
+constexpr int kStages = 2;
 constexpr int kKSteps = kHeadDim / 16;              // 36
 constexpr int kRegsScore = 152, kRegsValue = 176;   // setmaxnreg; 152 + 2 * 176 = 3 * 168
 
 // Shared memory map (offsets from a 1024-byte aligned base).
-// A stage's last chunk (the RoPE columns of its 32 tokens, 4 KB) is dead once S of its half page
-// is done; P of that half page (64 rows x 32 tokens, K-major with the 64B swizzle, 4 KB) goes there.
+// A stage's last chunk (the RoPE columns of K) is dead once S of its page is done; P of that
+// page (64 x 64, the same 128B-swizzled K-major tile) is written there.
 constexpr int kSmemQ = 0;                              // Q tile, 9 swizzled 64 x 64 chunks
 constexpr int kSmemKV = kSmemQ + kPageBytes;
-constexpr int kSmemScale = kSmemKV + kStages * kHalfBytes;  // float [kStages][64]: O rescale factor of the half page
+constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
 constexpr int kSmemSlot = kSmemInvL + kStages * 64 * 4;   // int [kStages]: workspace slot of the split (-1: out)
 constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [3][kStages]: full, p_full, empty
@@ -134,33 +127,32 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// wgmma shared-memory descriptor. lbo/sbo in bytes; layout: 1 = 128-byte swizzle, 2 = 64-byte.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo, uint32_t layout = 1) {
+// wgmma shared-memory descriptor, 128-byte swizzle. lbo/sbo in bytes.
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   uint64_t d = 0;
   d |= static_cast<uint64_t>((addr >> 4) & 0x3FFF);
   d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
   d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-  d |= static_cast<uint64_t>(layout) << 62;
+  d |= static_cast<uint64_t>(1) << 62;  // SWIZZLE_128B
   return d;
 }
-// K-major operand, 128B swizzle (rows of 128 B, 8-row groups 1024 B apart): Q, K.
+// K-major operand (rows of 128 B, 8-row groups 1024 B apart).
 __device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) { return make_desc(addr, 16, 1024); }
-// K-major operand, 64B swizzle (rows of 64 B, 8-row groups 512 B apart): P of a half page.
-__device__ __forceinline__ uint64_t desc_k_major_64b(uint32_t addr) { return make_desc(addr, 16, 512, 2); }
-// MN-major operand (V as B): 64-element MN atoms one half-page chunk (4 KB) apart (LBO), 8-row K
-// groups 1 KB apart (SBO).
-__device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) { return make_desc(addr, kHalfChunkBytes, 1024); }
+// MN-major operand (V as B): 64-element MN atoms 8 KB apart (LBO), 8-row K groups 1 KB apart (SBO).
+__device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) { return make_desc(addr, kChunkBytes, 1024); }
 
 template <typename T>
 struct Gmma;
 template <>
 struct Gmma<__nv_bfloat16> {
-  using QKs = cute::SM90::GMMA::MMA_64x32x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QKs = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 template <>
 struct Gmma<__half> {
-  using QKs = cute::SM90::GMMA::MMA_64x32x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QK = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  using QKs = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 
@@ -236,6 +228,7 @@ __device__ __forceinline__ void advance(Cursor& c, const Stretch& st, const int3
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
+  using QK = typename Gmma<T>::QK;
   using QKs = typename Gmma<T>::QKs;
   using PV = typename Gmma<T>::PV;
   extern __shared__ uint8_t smem_raw[];
@@ -289,25 +282,62 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     // ============================ score warpgroup: Q to shared memory per sequence; S, softmax, P
-    // A page is two half-page units (g = 2 i, 2 i + 1 for the stretch's i-th page), in stages
-    // g % kStages. S of both halves is issued back to back (two accumulators), so the softmax of
-    // the first half runs while the tensor cores compute S of the second.
     reg_dealloc<kRegsScore>();
     float m[2], l[2];
     int limit[2];
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
+#pragma unroll 1
+    for (int g = 0; cur.b <= st.end_b; ++g) {
+      const int b = cur.b, page = cur.page;
+      const bool last = page + 1 == cur.hi;
+      const int seqlen = p.cache_seqlens[b];
+      if (b != prev_b) {  // a new sequence: its Q tile into shared memory, fresh softmax state
+        prev_b = b;
+        split_base = p.num_splits[b];  // read now, used after the sequence's last page
+        n_splits = p.num_splits[b + 1] - split_base;
+        const int row0 = m_tile * 64 + r0;
+        named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
+        // Q tile by TMA (one box, nine 64 x 64 chunks, 128B swizzle; rows past s_q * h_q are zero-filled).
+        if (tid == 0) {
+          mbar_expect_tx(bar_q, kPageBytes);
+          tma_load_4d(s_q, &tmap_q, bar_q, 0, m_tile * 64, 0, b);
+        }
+        mbar_wait(bar_q, q_phase);
+        q_phase ^= 1;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int sq = (row0 + 8 * h) / p.h_q;
+          limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
+          m[h] = -INFINITY;
+          l[h] = 0.f;
+        }
+      }
 
-    // Softmax of unit g (S in s, tokens tok_base ...), P over its stage's RoPE chunk, the row
-    // factors into its slot; p_full arrives.
-    auto publish = [&](float (&s)[16], const int g, const int b, const int tok_base, const bool last, const int seqlen) {
+      // ---- S = Q K^T (64 rows x 64 tokens)
       const int stage = g % kStages;
-      named_barrier(3, 128);  // every warp's S of this unit is done before its rows are zeroed / P overwrites its RoPE chunk
+      const uint32_t s_stage = s_kv + stage * kPageBytes;
+      if (tid == 0) tl::page(g, tl::kScoreWaitFull);
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      if (tid == 0) tl::page(g, tl::kScoreIssue);
+      float s[32];
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kKSteps; ++k) {
+        const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
+        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+      if (tid == 0) tl::page(g, tl::kScoreDone);
+      named_barrier(3, 128);  // every warp's part of S is done before the stage's rows are zeroed / P overwrites K's RoPE chunk
+
       // ---- online softmax (log2 domain); rows r0, r0 + 8; tokens 8 j + col_base + {0, 1}
-      const int tok0 = tok_base + col_base;
+      const int tok0 = page * kPageSize + col_base;
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int h = e / 2;
@@ -327,9 +357,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         m[h] = m_new;
         l[h] *= sc[h];
       }
-      uint32_t pk[8];
+      uint32_t pk[16];
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float p0 = exp2f(s[4 * j + 2 * h] - m_use[h]);
@@ -340,30 +370,29 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // ---- the rows past the sequence in a partial last page hold anything (NaN too): P is 0
       // there, but 0 * NaN = NaN in P.V, so zero those V rows (S has read them, masked).
-      const int valid = max(0, seqlen - tok_base);
-      if (valid < kHalf) {
-        uint8_t* stage_ptr = smem + kSmemKV + stage * kHalfBytes;
-        const int per_chunk = (kHalf - valid) * 8;  // 16-byte units per chunk
+      const int valid = seqlen - page * kPageSize;
+      if (valid < kPageSize) {
+        uint8_t* stage_ptr = smem + kSmemKV + stage * kPageBytes;
+        const int per_chunk = (kPageSize - valid) * 8;  // 16-byte units per chunk
         const int n_zero = per_chunk * (kHeadDimV / kChunkCols);
         for (int u = tid; u < n_zero; u += 128) {
           const int chunk = u / per_chunk, rem = u % per_chunk;
-          *reinterpret_cast<uint4*>(stage_ptr + chunk * kHalfChunkBytes + (valid + rem / 8) * 128 + (rem % 8) * 16) =
+          *reinterpret_cast<uint4*>(stage_ptr + chunk * kChunkBytes + (valid + rem / 8) * 128 + (rem % 8) * 16) =
               make_uint4(0, 0, 0, 0);
         }
       }
 
-      // P (64 rows x 32 tokens, rows of 64 B, 64B swizzle: 16-byte unit j of row r at j ^ ((r & 7) >> 1))
-      // goes where K's RoPE chunk of this unit was; the row factors to this stage's slot (P.V of the
-      // unit that used this stage before is done: its refill, which this unit's full barrier waited
-      // for, came after that).
-      uint8_t* p_smem = smem + kSmemKV + stage * kHalfBytes + (kChunks - 1) * kHalfChunkBytes;  // K's RoPE chunk
+      // P goes where K's RoPE chunk was; the row factors to this stage's slot (P.V of the page that
+      // used this stage before is done: its refill, which this page's full barrier waited for, came
+      // after that).
+      uint8_t* p_smem = smem + kSmemKV + stage * kPageBytes + (kChunks - 1) * kChunkBytes;  // K's RoPE chunk
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int row = r0 + 8 * h;
-          *reinterpret_cast<uint32_t*>(p_smem + (row >> 3) * 512 + (row & 7) * 64 + ((j ^ ((row & 7) >> 1)) << 4) +
-                                       (lane % 4) * 4) = pk[2 * j + h];
+          const int row = r0 + 8 * h, col = 8 * j + col_base;
+          *reinterpret_cast<uint32_t*>(p_smem + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
+              pk[2 * j + h];
         }
       if (lane % 4 == 0) {
         scale_s[stage * 64 + r0] = sc[0];
@@ -394,94 +423,27 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async();  // P and the zeroed rows, written by threads, are read by wgmma next
       mbar_arrive(bar_pfull + 8 * stage);
       if (tid == 0) tl::page(g, tl::kPReady);
-    };
-
-#pragma unroll 1
-    for (int g = 0; cur.b <= st.end_b; g += 2) {
-      const int b = cur.b, page = cur.page;
-      const bool last = page + 1 == cur.hi;
-      const int seqlen = p.cache_seqlens[b];
-      if (b != prev_b) {  // a new sequence: its Q tile into shared memory, fresh softmax state
-        prev_b = b;
-        split_base = p.num_splits[b];  // read now, used after the sequence's last page
-        n_splits = p.num_splits[b + 1] - split_base;
-        const int row0 = m_tile * 64 + r0;
-        named_barrier(3, 128);  // WG0 only: every warp's S of the previous sequence has read Q
-        // Q tile by TMA (one box, nine 64 x 64 chunks, 128B swizzle; rows past s_q * h_q are zero-filled).
-        if (tid == 0) {
-          mbar_expect_tx(bar_q, kPageBytes);
-          tma_load_4d(s_q, &tmap_q, bar_q, 0, m_tile * 64, 0, b);
-        }
-        mbar_wait(bar_q, q_phase);
-        q_phase ^= 1;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int sq = (row0 + 8 * h) / p.h_q;
-          limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
-          m[h] = -INFINITY;
-          l[h] = 0.f;
-        }
-      }
-
-      // ---- S = Q K^T of both halves (64 rows x 32 tokens each), issued back to back
-      const uint32_t phase = (g / kStages) & 1;  // g is even, so both halves share it
-      const uint32_t k0 = s_kv + (g % kStages) * kHalfBytes, k1 = s_kv + ((g + 1) % kStages) * kHalfBytes;
-      float s0[16], s1[16];
-      if (tid == 0) tl::page(g, tl::kScoreWaitFull);
-      mbar_wait(bar_full + 8 * (g % kStages), phase);
-      if (tid == 0) tl::page(g, tl::kScoreIssue);
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < kKSteps; ++k) {
-        const uint32_t koff = (k / 4) * kHalfChunkBytes + (k % 4) * 32, qoff = (k / 4) * kChunkBytes + (k % 4) * 32;
-        gmma_ss<QKs>(desc_k_major(s_q + qoff), desc_k_major(k0 + koff), s0, k > 0, std::make_index_sequence<16>{});
-      }
-      wgmma_commit();
-      if (tid == 0) tl::page(g + 1, tl::kScoreWaitFull);
-      mbar_wait(bar_full + 8 * ((g + 1) % kStages), phase);
-      if (tid == 0) tl::page(g + 1, tl::kScoreIssue);
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < kKSteps; ++k) {
-        const uint32_t koff = (k / 4) * kHalfChunkBytes + (k % 4) * 32, qoff = (k / 4) * kChunkBytes + (k % 4) * 32;
-        gmma_ss<QKs>(desc_k_major(s_q + qoff), desc_k_major(k1 + koff), s1, k > 0, std::make_index_sequence<16>{});
-      }
-      wgmma_commit();
-      wgmma_wait<1>();
-      fence_regs(s0);
-      if (tid == 0) tl::page(g, tl::kScoreDone);
-      publish(s0, g, b, page * kPageSize, false, seqlen);
-      wgmma_wait<0>();
-      fence_regs(s1);
-      if (tid == 0) tl::page(g + 1, tl::kScoreDone);
-      publish(s1, g + 1, b, page * kPageSize + kHalf, last, seqlen);
       advance(cur, st, p.cache_seqlens);
     }
   } else {
-    // ============================ value warpgroups: O[:, 256 v : 256 v + 256] += P V, per half page
+    // ============================ value warpgroups: O[:, 256 v : 256 v + 256] += P V
     reg_alloc<kRegsValue>();
     const int v = wg - 1;
-    const bool producer = tid == 128;  // issues the TMA loads of half pages, kStages ahead
+    const bool producer = tid == 128;  // issues the TMA page loads, kStages ahead
     Cursor ld = cur;
-    int ld_half = 0;
     auto block_of = [&](const Cursor& c) {
       return first_block_read && c.b == st.begin_b && c.page == st.begin_page
                  ? first_block
                  : p.block_table[static_cast<int64_t>(c.b) * p.max_blocks + c.page];
     };
-    // The block of the next page to load is read one page ahead: that global read (often a DRAM
-    // miss) then runs under P.V instead of between P.V's end and the stage's refill.
+    // The block of the next page to load is read one load ahead: that global read (often a DRAM
+    // miss, ~0.5-1 us) then runs under P.V instead of between P.V's end and the stage's refill.
     int next_block = producer ? block_of(ld) : 0;
     auto issue_load = [&](int stage) {
-      mbar_expect_tx(bar_full + 8 * stage, kHalfBytes);
-      tma_load_3d(s_kv + stage * kHalfBytes, &tmap_kv, bar_full + 8 * stage, 0, next_block * kPageSize + ld_half * kHalf, 0);
-      if (ld_half == 0) {
-        ld_half = 1;
-      } else {
-        ld_half = 0;
-        advance(ld, st, p.cache_seqlens);
-        if (ld.b <= st.end_b) next_block = block_of(ld);
-      }
+      mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
+      tma_load_3d(s_kv + stage * kPageBytes, &tmap_kv, bar_full + 8 * stage, 0, next_block * kPageSize, 0);
+      advance(ld, st, p.cache_seqlens);
+      if (ld.b <= st.end_b) next_block = block_of(ld);
     };
     if (producer) {
       for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) issue_load(s);
@@ -492,13 +454,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    int g = 0, half = 0;
+    int g = 0;
 #pragma unroll 1
     for (; cur.b <= st.end_b; ++g) {
       const int b = cur.b;
-      const bool last = half == 1 && cur.page + 1 == cur.hi;
+      const bool last = cur.page + 1 == cur.hi;
       const int stage = g % kStages;
-      const uint32_t s_stage = s_kv + stage * kHalfBytes;
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       mbar_wait(bar_pfull + 8 * stage, (g / kStages) & 1);
       if (producer) tl::page(g, tl::kValueIssue);
@@ -507,9 +468,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kHalf / 16; ++kk)
-        gmma_ss<PV>(desc_k_major_64b(s_stage + (kChunks - 1) * kHalfChunkBytes + kk * 32),
-                    desc_mn_major(s_stage + v * 4 * kHalfChunkBytes + kk * 16 * 128), o, true,
+      for (int kk = 0; kk < kPageSize / 16; ++kk)
+        gmma_ss<PV>(desc_k_major(s_kv + stage * kPageBytes + (kChunks - 1) * kChunkBytes + kk * 32),
+                    desc_mn_major(s_kv + stage * kPageBytes + v * 4 * kChunkBytes + kk * 16 * 128), o, true,
                     std::make_index_sequence<128>{});
       wgmma_commit();
       wgmma_wait<0>();
@@ -547,8 +508,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      if (half == 1) advance(cur, st, p.cache_seqlens);
-      half ^= 1;
+      advance(cur, st, p.cache_seqlens);
     }
     if (producer) tl::end(g);
   }
