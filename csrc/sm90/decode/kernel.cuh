@@ -103,21 +103,6 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// The same with an L2 cache-policy hint (a createpolicy value).
-__device__ __forceinline__ void tma_load_3d_hint(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
-                                                 int c2, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%3, %4, "
-      "%5}], [%2], %6;" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "l"(policy)
-      : "memory");
-}
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2,
                                             int c3) {
   asm volatile(
@@ -454,12 +439,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // The block of the next page to load is read one load ahead: that global read (often a DRAM
     // miss, ~0.5-1 us) then runs under P.V instead of between P.V's end and the stage's refill.
     int next_block = producer ? block_of(ld) : 0;
-    const uint64_t kv_policy = l2_evict_first_policy();
     auto issue_load = [&](int stage) {
       mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
-      // The page with an L2 evict-first hint: FlashMLA's deep-dive reports higher L2 hit rates
-      // with it for its K loads (to be measured here: the query-tile CTAs of a sequence share pages).
-      tma_load_3d_hint(s_kv + stage * kPageBytes, &tmap_kv, bar_full + 8 * stage, 0, next_block * kPageSize, 0, kv_policy);
+      tma_load_3d(s_kv + stage * kPageBytes, &tmap_kv, bar_full + 8 * stage, 0, next_block * kPageSize, 0);
       advance(ld, st, p.cache_seqlens);
       if (ld.b <= st.end_b) next_block = block_of(ld);
     };
