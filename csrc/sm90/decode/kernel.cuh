@@ -41,10 +41,6 @@ constexpr int kPageBytes = kChunks * kChunkBytes;   // 72 KB
 constexpr int kStages = 2;
 constexpr int kKSteps = kHeadDim / 16;              // 36
 constexpr int kRegsScore = 152, kRegsValue = 176;   // setmaxnreg; 152 + 2 * 176 = 3 * 168
-// The first kQRegChunks 64-column chunks of the Q tile are also held in WG0's registers (16 a
-// thread each), and their k-steps of S are RS wgmma: A from registers, so that S reads only K
-// from shared memory there.
-constexpr int kQRegChunks = 1;  // 2: 36 bytes of spill at 152 registers; 4: 1.2 KB (ptxas, sm_90a)
 
 // Shared memory map (offsets from a 1024-byte aligned base).
 // A stage's last chunk (the RoPE columns of K) is dead once S of its page is done; P of that
@@ -291,7 +287,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     int limit[2];
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
-    uint32_t qa[4 * kQRegChunks][4];
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
       const int b = cur.b, page = cur.page;
@@ -310,16 +305,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         mbar_wait(bar_q, q_phase);
         q_phase ^= 1;
-        // This thread's A fragments of the first chunks (wgmma m64k16 A layout: rows r0, r0 + 8;
-        // columns 16 kk + col_base + {0, 1} and + 8), read from the swizzled tile.
-#pragma unroll
-        for (int k = 0; k < 4 * kQRegChunks; ++k)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = r0 + 8 * (e % 2), col = 16 * (k % 4) + col_base + 8 * (e / 2);
-            qa[k][e] = *reinterpret_cast<const uint32_t*>(smem + kSmemQ + (k / 4) * kChunkBytes + row * 128 +
-                                                          (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2);
-          }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int sq = (row0 + 8 * h) / p.h_q;
@@ -340,10 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int k = 0; k < kKSteps; ++k) {
         const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
-        if (k < 4 * kQRegChunks)
-          gmma_rs<QK>(qa[k], desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
-        else
-          gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
+        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
       }
       wgmma_commit();
       wgmma_wait<0>();
