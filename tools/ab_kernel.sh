@@ -2,7 +2,7 @@
 # Two versions of the kernel side by side, in one device call (device time is the scarce thing).
 #
 # Here, first (the device machine's .git may be stale, so the trees travel ready-made):
-#   rm -rf .ab && mkdir -p .ab/a .ab/b && grep -qx '/.ab/' .git/info/exclude || echo /.ab/ >> .git/info/exclude
+#   rm -rf .ab && mkdir -p .ab/a .ab/b && (grep -qx '/.ab/' .git/info/exclude || echo /.ab/ >> .git/info/exclude)
 #   git archive REV_A | tar -x -C .ab/a && git archive REV_B | tar -x -C .ab/b      # REV_B: a rev or the tree
 # Then the device tool: run(command="bash tools/ab_kernel.sh .ab/a .ab/b", carry=[".whl", ".ab"]).
 #
