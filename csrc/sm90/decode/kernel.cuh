@@ -308,16 +308,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ============================ score warpgroup: Q to shared memory per sequence; S, softmax, P
     reg_dealloc<kRegsScore>();
     float m[2], l[2];
-    int limit[2];
+    int limit[2], seqlen = 0;
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
       const int b = cur.b, page = cur.page;
       const bool last = page + 1 == cur.hi;
-      const int seqlen = p.cache_seqlens[b];
       if (b != prev_b) {  // a new sequence: its Q tile into shared memory, fresh softmax state
         prev_b = b;
+        seqlen = p.cache_seqlens[b];  // (read once a sequence: no global load between one page's P and the next S)
         split_base = p.num_splits[b];  // read now, used after the sequence's last page
         n_splits = p.num_splits[b + 1] - split_base;
         const int row0 = m_tile * 64 + r0;
@@ -358,24 +358,28 @@ __global__ void __launch_bounds__(kThreads, 1)
       named_barrier(3, 128);  // every warp's part of S is done before the stage's rows are zeroed / P overwrites K's RoPE chunk
 
       // ---- online softmax (log2 domain); rows r0, r0 + 8; tokens 8 j + col_base + {0, 1}
+      // The row max is taken of the raw scores (softmax_scale > 0, so it commutes with the scaling),
+      // and each probability is exp2(s * scale - m): one FFMA before the exp2. Only a page that reaches
+      // a row's limit (the sequence end, or the causal limit) is masked.
       const int tok0 = page * kPageSize + col_base;
+      if ((page + 1) * kPageSize > min(limit[0], limit[1])) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (tok0 + 8 * j + (e % 2) >= limit[e / 2]) s[4 * j + e] = -INFINITY;
+      }
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int h = e / 2;
-          const int tok = tok0 + 8 * j + (e % 2);
-          const float v = tok < limit[h] ? s[4 * j + e] * p.scale_log2 : -INFINITY;
-          s[4 * j + e] = v;
-          mx[h] = fmaxf(mx[h], v);
-        }
+        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
       float sc[2], m_use[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h]);
+        const float m_new = fmaxf(m[h], mx[h] * p.scale_log2);
         m_use[h] = m_new == -INFINITY ? 0.f : m_new;
         sc[h] = exp2f(m[h] - m_use[h]);
         m[h] = m_new;
@@ -386,8 +390,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const float p0 = exp2f(s[4 * j + 2 * h] - m_use[h]);
-          const float p1 = exp2f(s[4 * j + 2 * h + 1] - m_use[h]);
+          const float p0 = exp2f(fmaf(s[4 * j + 2 * h], p.scale_log2, -m_use[h]));
+          const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -m_use[h]));
           l[h] += p0 + p1;
           pk[2 * j + h] = pack2<T>(p0, p1);
         }
