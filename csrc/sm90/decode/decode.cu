@@ -50,11 +50,12 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   const cuuint64_t q_dims[4] = {sm90::kChunkCols, static_cast<cuuint64_t>(rows), sm90::kChunks,
                                 static_cast<cuuint64_t>(a.batch)};
   const cuuint64_t q_strides[3] = {kRowBytes, kChunkStride, static_cast<cuuint64_t>(rows) * kRowBytes};
-  const cuuint32_t box[4] = {sm90::kChunkCols, 64, sm90::kChunks, 1};  // the rank-3 KV map uses the first three
+  const cuuint32_t box[4] = {sm90::kChunkCols, 64, sm90::kChunks, 1};
   const CUtensorMap tmap_q = make_map(a.q, a.dtype, 4, q_dims, q_strides, box);
   const cuuint64_t kv_dims[3] = {sm90::kChunkCols, static_cast<cuuint64_t>(a.num_blocks) * kPageSize, sm90::kChunks};
   const cuuint64_t kv_strides[2] = {kRowBytes, kChunkStride};
-  const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 3, kv_dims, kv_strides, box);
+  const cuuint32_t kv_box[3] = {sm90::kChunkCols, kPageSize / 2, 1};  // half a chunk: the kernel refills a page in two parts
+  const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 3, kv_dims, kv_strides, kv_box);
 
   sm90::Params p;
   p.q = a.q;

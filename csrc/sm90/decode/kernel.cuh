@@ -50,8 +50,8 @@ constexpr int kSmemKV = kSmemQ + kPageBytes;
 constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
 constexpr int kSmemSlot = kSmemInvL + kStages * 64 * 4;   // int [kStages]: workspace slot of the split (-1: out)
-constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [3][kStages]: full, p_full, empty
-constexpr int kSmemUsed = kSmemBar + (3 * kStages + 1) * 8;  // + the Q barrier
+constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [4][kStages]: full, p_full, empty, half
+constexpr int kSmemUsed = kSmemBar + (4 * kStages + 1) * 8;  // + the Q barrier
 constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
@@ -262,7 +262,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * stage: the page has landed (TMA)
   const uint32_t bar_pfull = bar_full + 8 * kStages;            // P and row factors written (WG0, 128 arrivals)
   const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
-  const uint32_t bar_q = bar_empty + 8 * kStages;               // the Q tile has landed (TMA)
+  const uint32_t bar_half = bar_empty + 8 * kStages;            // P.V's first two k-steps done (256 arrivals)
+  const uint32_t bar_q = bar_half + 8 * kStages;                // the Q tile has landed (TMA)
 
   // The combine kernel (launched after this one with programmatic dependent launch) may be
   // scheduled once every CTA got here; it waits for this grid's completion before reading.
@@ -279,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The producer reads the block of the stretch's first page now, beside the sequence lengths
   // that settle() reads: one dependent memory round trip less before the first page's TMA. It is
   // used only if the stretch does start there (it does whenever the metadata is get_metadata's).
-  const bool first_block_read = tid == 128 && st.begin_page < p.max_blocks;
+  const bool first_block_read = tid >= 128 && tid < 160 && st.begin_page < p.max_blocks;
   const int first_block =
       first_block_read ? p.block_table[static_cast<int64_t>(st.begin_b) * p.max_blocks + st.begin_page] : 0;
   Cursor cur{st.begin_b, 0, 0};
@@ -291,6 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(bar_full + 8 * s, 1);
       mbar_init(bar_pfull + 8 * s, 128);
       mbar_init(bar_empty + 8 * s, 256);
+      mbar_init(bar_half + 8 * s, 256);
     }
     mbar_init(bar_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -457,7 +459,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ============================ value warpgroups: O[:, 256 v : 256 v + 256] += P V
     reg_alloc<kRegsValue>();
     const int v = wg - 1;
-    const bool producer = tid == 128;  // issues the TMA page loads, kStages ahead
+    // The producer is WG1's first warp: its lanes issue a page's TMA boxes side by side. A page
+    // goes in two parts (box: 32 rows of one 64-column chunk). Rows 0-31 of the V chunks (0-7) are
+    // free once P.V's first two k-steps are done, so they are reloaded then; rows 32-63 and the
+    // RoPE chunk (P lives there) once P.V is done.
+    const bool producer = tid >= 128 && tid < 160;
+    const int plane = tid - 128;
     Cursor ld = cur;
     auto block_of = [&](const Cursor& c) {
       return first_block_read && c.b == st.begin_b && c.page == st.begin_page
@@ -466,16 +473,31 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     // The block of the next page to load is read one load ahead: that global read (often a DRAM
     // miss, ~0.5-1 us) then runs under P.V instead of between P.V's end and the stage's refill.
+    // (Every producer lane reads it: one address, one transaction.)
     int next_block = producer ? block_of(ld) : 0;
-    auto issue_load = [&](int stage) {
-      mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
-      tma_load_3d(s_kv + stage * kPageBytes, &tmap_kv, bar_full + 8 * stage, 0, next_block * kPageSize, 0);
-      advance(ld, st, p.cache_seqlens);
-      if (ld.b <= st.end_b) next_block = block_of(ld);
+    auto issue_part = [&](int stage, int part) {
+      if (part == 0) {
+        if (plane == 0) mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
+        __syncwarp();
+      }
+      // part 0: lane c < 8 loads rows 0-31 of chunk c; part 1: rows 32-63 of chunk c, and lanes
+      // 8, 9 the RoPE chunk's two halves.
+      const int chunk = part == 0 ? plane : (plane < 8 ? plane : kChunks - 1);
+      const int row = part == 0 ? 0 : (plane < 9 ? (plane < 8 ? 32 : 0) : 32);
+      if (plane < (part == 0 ? 8 : 10))
+        tma_load_3d(s_kv + stage * kPageBytes + chunk * kChunkBytes + row * 128, &tmap_kv, bar_full + 8 * stage, 0,
+                    next_block * kPageSize + row, chunk);
+      if (part == 1) {
+        advance(ld, st, p.cache_seqlens);
+        if (ld.b <= st.end_b) next_block = block_of(ld);
+      }
     };
     if (producer) {
-      for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) issue_load(s);
-      tl::loads_issued();
+      for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) {
+        issue_part(s, 0);
+        issue_part(s, 1);
+      }
+      if (plane == 0) tl::loads_issued();
     }
 
 
@@ -490,20 +512,32 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int stage = g % kStages;
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       mbar_wait(bar_pfull + 8 * stage, (g / kStages) & 1);
-      if (producer) tl::page(g, tl::kValueIssue);
+      if (tid == 128) tl::page(g, tl::kValueIssue);
       const float sc0 = scale_s[stage * 64 + r0], sc1 = scale_s[stage * 64 + r0 + 8];
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kPageSize / 16; ++kk)
-        gmma_ss<PV>(desc_k_major(s_kv + stage * kPageBytes + (kChunks - 1) * kChunkBytes + kk * 32),
-                    desc_mn_major(s_kv + stage * kPageBytes + v * 4 * kChunkBytes + kk * 16 * 128), o, true,
-                    std::make_index_sequence<128>{});
+      const uint32_t s_stage = s_kv + stage * kPageBytes;
+      auto pv_step = [&](int kk) {
+        gmma_ss<PV>(desc_k_major(s_stage + (kChunks - 1) * kChunkBytes + kk * 32),
+                    desc_mn_major(s_stage + v * 4 * kChunkBytes + kk * 16 * 128), o, true, std::make_index_sequence<128>{});
+      };
+      pv_step(0);
+      pv_step(1);
       wgmma_commit();
+      pv_step(2);
+      pv_step(3);
+      wgmma_commit();
+      const bool refill = producer && ld.b <= st.end_b;
+      wgmma_wait<1>();  // tokens 0-31 read: their V rows may be reloaded
+      mbar_arrive(bar_half + 8 * stage);
+      if (refill) {
+        mbar_wait(bar_half + 8 * stage, (g / kStages) & 1);
+        issue_part(stage, 0);
+      }
       wgmma_wait<0>();
       fence_regs(o);
-      if (producer) tl::page(g, tl::kValueDone);
+      if (tid == 128) tl::page(g, tl::kValueDone);
       if (tid == 256) tl::page(g, tl::kValue2Done);
       float inv[2] = {0.f, 0.f};
       int slot = 0;
@@ -513,10 +547,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         slot = slot_s[stage];
       }
       mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
-      if (producer && ld.b <= st.end_b) {  // both value warpgroups are done with the stage: refill it
+      if (refill) {  // both value warpgroups are done with the stage: the rest of the refill
         mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);
-        issue_load(stage);
-        tl::page(g, tl::kRefillIssued);
+        issue_part(stage, 1);
+        if (plane == 0) tl::page(g, tl::kRefillIssued);
       }
       if (last) {
         // The accumulator layout gives a lane 2 adjacent columns of every 8: a quad of lanes holds
@@ -564,7 +598,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       advance(cur, st, p.cache_seqlens);
     }
-    if (producer) tl::end(g);
+    if (tid == 128) tl::end(g);
   }
 }
 
