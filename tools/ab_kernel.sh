@@ -7,14 +7,14 @@
 #   (.ab/c, .ab/d likewise for a third and fourth version)
 # Then the device tool: run(command="bash tools/ab_kernel.sh .ab/a .ab/b [.ab/c [.ab/d]]", carry=[".whl", ".ab"]).
 #
-# The first tree is the baseline A; the others are B, C, D. Builds every version plain, and A and
-# B also as the measuring build (TORCH_MLA_TIMELINE=1, when the tree has tools/timeline.py), all
+# The first tree is the baseline A; the others are B, C, D. Builds every version plain, and those
+# in TIMELINE (default "a b") also as the measuring build (TORCH_MLA_TIMELINE=1, when the tree has tools/timeline.py), all
 # at once; then on the GPU, one step at a time: the GPU tests of B, C, D, the quick bench of
 # A B C D then D C B A (the spread between the two runs of one version is the noise), the
-# timelines of A and B, compute-sanitizer memcheck and racecheck on B (the tests and sanitizer
+# timelines (TIMELINE), compute-sanitizer memcheck and racecheck on B (the tests and sanitizer
 # are tools/gpu_check.sh's steps, run with SKIP_BUILD=1 in that version's tree). STEPS="..."
 # picks steps (default: tests quick timeline sanitize). Every step has a time limit and a
-# timestamp; logs go to $OUT: run.log (the quick rows too), build.log, timeline-{a,b}.json.
+# timestamp; logs go to $OUT: run.log (the quick rows too), build.log, timeline-{a,b,..}.json.
 set -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 [ $# -ge 2 ] && [ $# -le 4 ] || { echo "usage: $0 TREE_A TREE_B [TREE_C [TREE_D]]"; exit 2; }
@@ -22,6 +22,7 @@ names=(a b c d); V=(); declare -A SRC
 for i in $(seq 0 $(( $# - 1 ))); do v=${names[$i]}; V+=($v); SRC[$v]=$(realpath "${@:$((i + 1)):1}") || exit 2; done
 TOOLS=$(realpath "$(dirname "$0")")
 STEPS=${STEPS:-tests quick timeline sanitize}
+TIMELINE=${TIMELINE:-a b}  # the versions that also get the measuring build and a timeline step
 export PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
@@ -31,7 +32,7 @@ export PYTHONUNBUFFERED=1
   for v in "${V[@]}"; do
     src=${SRC[$v]}
     for t in 0 1; do
-      [ $t = 1 ] && { [ $v != a ] && [ $v != b ] || [ ! -f "$src/tools/timeline.py" ]; } && continue
+      [ $t = 1 ] && { [[ " $TIMELINE " != *" $v "* ]] || [ ! -f "$src/tools/timeline.py" ]; } && continue
       mkdir -p $W/$v$t && cp -r "$src/." $W/$v$t
       (cd $W/$v$t && rm -rf build torch_mla/_C*.so && MAX_JOBS=4 NVCC_APPEND_FLAGS="-Xptxas -v" TORCH_MLA_TIMELINE=$t \
          timeout 400 python3 setup.py build_ext --inplace > $W/build-$v$t.log 2>&1; echo "build $v$t: rc=$?") &
@@ -53,7 +54,7 @@ export PYTHONUNBUFFERED=1
                 (cd $W/b0 && SKIP_BUILD=1 OUT=$W/check-b timeout 400 bash "$TOOLS/gpu_check.sh" sanitize) ;;
       quick) for v in "${V[@]}"; do quick $v 1; done
              for i in $(seq $(( ${#V[@]} - 1 )) -1 0); do quick ${V[$i]} 2; done ;;
-      timeline) for v in a b; do
+      timeline) for v in $TIMELINE; do
                   [ -d $W/${v}1 ] || continue
                   echo "== $(date +%T) timeline $v"; (cd $W/${v}1 && timeout 120 python3 tools/timeline.py --json "$OUT/timeline-$v.json")
                 done ;;
