@@ -50,8 +50,8 @@ constexpr int kSmemKV = kSmemQ + kPageBytes;
 constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
 constexpr int kSmemSlot = kSmemInvL + kStages * 64 * 4;   // int [kStages]: workspace slot of the split (-1: out)
-constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [4][kStages]: full, p_full, empty, half
-constexpr int kSmemUsed = kSmemBar + (4 * kStages + 1) * 8;  // + the Q barrier
+constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [3][kStages]: full, p_full, empty
+constexpr int kSmemUsed = kSmemBar + (3 * kStages + 1) * 8;  // + the Q barrier
 constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
@@ -262,8 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * stage: the page has landed (TMA)
   const uint32_t bar_pfull = bar_full + 8 * kStages;            // P and row factors written (WG0, 128 arrivals)
   const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
-  const uint32_t bar_half = bar_empty + 8 * kStages;            // P.V's first two k-steps done (256 arrivals)
-  const uint32_t bar_q = bar_half + 8 * kStages;                // the Q tile has landed (TMA)
+  const uint32_t bar_q = bar_empty + 8 * kStages;               // the Q tile has landed (TMA)
 
   // The combine kernel (launched after this one with programmatic dependent launch) may be
   // scheduled once every CTA got here; it waits for this grid's completion before reading.
@@ -280,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The producer reads the block of the stretch's first page now, beside the sequence lengths
   // that settle() reads: one dependent memory round trip less before the first page's TMA. It is
   // used only if the stretch does start there (it does whenever the metadata is get_metadata's).
-  const bool first_block_read = tid >= 128 && tid < 160 && st.begin_page < p.max_blocks;
+  const bool first_block_read = wg > 0 && warp == 0 && st.begin_page < p.max_blocks;
   const int first_block =
       first_block_read ? p.block_table[static_cast<int64_t>(st.begin_b) * p.max_blocks + st.begin_page] : 0;
   Cursor cur{st.begin_b, 0, 0};
@@ -292,7 +291,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(bar_full + 8 * s, 1);
       mbar_init(bar_pfull + 8 * s, 128);
       mbar_init(bar_empty + 8 * s, 256);
-      mbar_init(bar_half + 8 * s, 256);
     }
     mbar_init(bar_q, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -459,12 +457,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ============================ value warpgroups: O[:, 256 v : 256 v + 256] += P V
     reg_alloc<kRegsValue>();
     const int v = wg - 1;
-    // The producer is WG1's first warp: its lanes issue a page's TMA boxes side by side. A page
-    // goes in two parts (box: 32 rows of one 64-column chunk). Rows 0-31 of the V chunks (0-7) are
-    // free once P.V's first two k-steps are done, so they are reloaded then; rows 32-63 and the
-    // RoPE chunk (P lives there) once P.V is done.
-    const bool producer = tid >= 128 && tid < 160;
-    const int plane = tid - 128;
+    // The producers are the first warp of each value warpgroup; their lanes issue a page's TMA
+    // boxes side by side (box: 32 rows of one 64-column chunk). Each warpgroup reloads its own four
+    // V chunks: rows 0-31 once its first two P.V k-steps are done, rows 32-63 once all four are.
+    // WG1's producer reloads the RoPE chunk (P lives there) once both warpgroups are done.
+    const bool producer = warp == 0;
     Cursor ld = cur;
     auto block_of = [&](const Cursor& c) {
       return first_block_read && c.b == st.begin_b && c.page == st.begin_page
@@ -475,29 +472,27 @@ __global__ void __launch_bounds__(kThreads, 1)
     // miss, ~0.5-1 us) then runs under P.V instead of between P.V's end and the stage's refill.
     // (Every producer lane reads it: one address, one transaction.)
     int next_block = producer ? block_of(ld) : 0;
+    // part 0: rows 0-31 of this warpgroup's V chunks; 1: rows 32-63; 2 (WG1): the RoPE chunk.
     auto issue_part = [&](int stage, int part) {
-      if (part == 0) {
-        if (plane == 0) mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
-        __syncwarp();
-      }
-      // part 0: lane c < 8 loads rows 0-31 of chunk c; part 1: rows 32-63 of chunk c, and lanes
-      // 8, 9 the RoPE chunk's two halves.
-      const int chunk = part == 0 ? plane : (plane < 8 ? plane : kChunks - 1);
-      const int row = part == 0 ? 0 : (plane < 9 ? (plane < 8 ? 32 : 0) : 32);
-      if (plane < (part == 0 ? 8 : 10))
+      if (part == 0 && v == 0 && lane == 0) mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
+      const int chunk = part == 2 ? kChunks - 1 : 4 * v + lane;
+      const int row = part == 2 ? 32 * lane : 32 * part;
+      if (lane < (part == 2 ? 2 : 4))
         tma_load_3d(s_kv + stage * kPageBytes + chunk * kChunkBytes + row * 128, &tmap_kv, bar_full + 8 * stage, 0,
                     next_block * kPageSize + row, chunk);
-      if (part == 1) {
-        advance(ld, st, p.cache_seqlens);
-        if (ld.b <= st.end_b) next_block = block_of(ld);
-      }
+    };
+    auto ld_next = [&] {
+      advance(ld, st, p.cache_seqlens);
+      if (ld.b <= st.end_b) next_block = block_of(ld);
     };
     if (producer) {
       for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) {
         issue_part(s, 0);
         issue_part(s, 1);
+        if (v == 0) issue_part(s, 2);
+        ld_next();
       }
-      if (plane == 0) tl::loads_issued();
+      if (tid == 128) tl::loads_issued();
     }
 
 
@@ -530,15 +525,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       const bool refill = producer && ld.b <= st.end_b;
       wgmma_wait<1>();  // tokens 0-31 read: their V rows may be reloaded
-      mbar_arrive(bar_half + 8 * stage);
-      if (refill) {
-        mbar_wait(bar_half + 8 * stage, (g / kStages) & 1);
-        issue_part(stage, 0);
-      }
+      named_barrier(4 + v, 128);  // (this warpgroup's four warps)
+      if (refill) issue_part(stage, 0);
       wgmma_wait<0>();
       fence_regs(o);
       if (tid == 128) tl::page(g, tl::kValueDone);
       if (tid == 256) tl::page(g, tl::kValue2Done);
+      named_barrier(4 + v, 128);
+      if (refill) issue_part(stage, 1);
       float inv[2] = {0.f, 0.f};
       int slot = 0;
       if (last) {
@@ -547,11 +541,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         slot = slot_s[stage];
       }
       mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
-      if (refill) {  // both value warpgroups are done with the stage: the rest of the refill
+      if (refill && v == 0) {  // both value warpgroups are done with the stage: its RoPE chunk
         mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);
-        issue_part(stage, 1);
-        if (plane == 0) tl::page(g, tl::kRefillIssued);
+        issue_part(stage, 2);
+        if (lane == 0) tl::page(g, tl::kRefillIssued);
       }
+      if (refill) ld_next();
       if (last) {
         // The accumulator layout gives a lane 2 adjacent columns of every 8: a quad of lanes holds
         // 32 adjacent columns of a row per 4 steps of j. For the output (2-byte elements) a transpose
