@@ -13,7 +13,8 @@
 # A B C D then D C B A (the spread between the two runs of one version is the noise), the
 # timelines (TIMELINE), compute-sanitizer memcheck and racecheck on B (the tests and sanitizer
 # are tools/gpu_check.sh's steps, run with SKIP_BUILD=1 in that version's tree). STEPS="..."
-# picks steps (default: tests quick timeline sanitize). Every step has a time limit and a
+# picks steps (default: tests quick timeline sanitize; also: bench, the full sweep of each version
+# into bench-{a,b,..}.json, and decoder, the decoder's GPU tests on B). Every step has a time limit and a
 # timestamp; logs go to $OUT: run.log (the quick rows too), build.log, timeline-{a,b,..}.json.
 set -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -22,7 +23,7 @@ names=(a b c d); V=(); declare -A SRC
 for i in $(seq 0 $(( $# - 1 ))); do v=${names[$i]}; V+=($v); SRC[$v]=$(realpath "${@:$((i + 1)):1}") || exit 2; done
 TOOLS=$(realpath "$(dirname "$0")")
 STEPS=${STEPS:-tests quick timeline sanitize}
-TIMELINE=${TIMELINE:-a b}  # the versions that also get the measuring build and a timeline step
+TIMELINE=${TIMELINE-a b}  # the versions that also get the measuring build and a timeline step ("": none)
 export PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader
@@ -50,6 +51,12 @@ export PYTHONUNBUFFERED=1
                echo "== $(date +%T) tests, $v"
                (cd $W/${v}0 && SKIP_BUILD=1 OUT=$W/check-$v timeout 240 bash "$TOOLS/gpu_check.sh" tests)
              done ;;
+      bench) for v in "${V[@]}"; do  # the full sweep of every version, A first (about 100 s each)
+               echo "== $(date +%T) bench $v"; (cd $W/${v}0 && timeout 300 python3 -m torch_mla.bench --json "$OUT/bench-$v.json" 2>&1 \
+                 | grep -E "^(b=|device|[0-9]+ shapes)")
+             done ;;
+      decoder) echo "== $(date +%T) decoder, b"
+               (cd $W/b0 && SKIP_BUILD=1 OUT=$W/check-b timeout 300 bash "$TOOLS/gpu_check.sh" decoder) ;;
       sanitize) echo "== $(date +%T) sanitize, b"
                 (cd $W/b0 && SKIP_BUILD=1 OUT=$W/check-b timeout 400 bash "$TOOLS/gpu_check.sh" sanitize) ;;
       quick) for v in "${V[@]}"; do quick $v 1; done
