@@ -50,14 +50,11 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   const cuuint64_t q_dims[4] = {sm90::kChunkCols, static_cast<cuuint64_t>(rows), sm90::kChunks,
                                 static_cast<cuuint64_t>(a.batch)};
   const cuuint64_t q_strides[3] = {kRowBytes, kChunkStride, static_cast<cuuint64_t>(rows) * kRowBytes};
-  const cuuint32_t box[4] = {sm90::kChunkCols, 64, sm90::kChunks, 1};  // the rank-3 page map uses the first three
+  const cuuint32_t box[4] = {sm90::kChunkCols, 64, sm90::kChunks, 1};
   const CUtensorMap tmap_q = make_map(a.q, a.dtype, 4, q_dims, q_strides, box);
   const cuuint64_t kv_dims[3] = {sm90::kChunkCols, static_cast<cuuint64_t>(a.num_blocks) * kPageSize, sm90::kChunks};
   const cuuint64_t kv_strides[2] = {kRowBytes, kChunkStride};
-  // Two maps of the cache: a whole page in one box (the first loads of a stretch), and 32 rows of
-  // one chunk (the refills, which reload a page in parts as it frees up).
-  const CUtensorMap tmap_page = make_map(a.kv_cache, a.dtype, 3, kv_dims, kv_strides, box);
-  const cuuint32_t kv_box[3] = {sm90::kChunkCols, kPageSize / 2, 1};
+  const cuuint32_t kv_box[3] = {sm90::kChunkCols, kPageSize / 2, 1};  // half a chunk: the kernel refills a page in two parts
   const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 3, kv_dims, kv_strides, kv_box);
 
   sm90::Params p;
@@ -84,7 +81,7 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
     attr_set = true;
   }
   const dim3 grid((rows + kTileRows - 1) / kTileRows, a.num_parts);
-  sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, tmap_page, p);
+  sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
 }
 
 }  // namespace

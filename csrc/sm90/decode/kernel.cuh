@@ -248,8 +248,7 @@ __device__ __forceinline__ void advance(Cursor& c, const Stretch& st, const int3
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv,
-                  const __grid_constant__ CUtensorMap tmap_page, Params p) {
+    decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   using QK = typename Gmma<T>::QK;
   using QKs = typename Gmma<T>::QKs;
   using PV = typename Gmma<T>::PV;
@@ -271,8 +270,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   // The two TMA descriptors into the cache now, beside the metadata reads, not at the first load.
   if (tid == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_q)) : "memory");
-  if (tid == 128) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_page)) : "memory");
-  if (tid == 160) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_kv)) : "memory");
+  if (tid == 128) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_kv)) : "memory");
   const int m_tile = blockIdx.x;
   const int32_t* meta = p.metadata + blockIdx.y * kMetadataSize;
   const Stretch st{meta[0], meta[1], meta[2], meta[3]};
@@ -487,12 +485,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       advance(ld, st, p.cache_seqlens);
       if (ld.b <= st.end_b) next_block = block_of(ld);
     };
-    if (producer) {  // the first pages: one box each (on a short stretch this is the critical path)
+    if (producer) {
       for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) {
-        if (v == 0 && lane == 0) {
-          mbar_expect_tx(bar_full + 8 * s, kPageBytes);
-          tma_load_3d(s_kv + s * kPageBytes, &tmap_page, bar_full + 8 * s, 0, next_block * kPageSize, 0);
-        }
+        issue_part(s, 0);
+        issue_part(s, 1);
+        if (v == 0) issue_part(s, 2);
         ld_next();
       }
       if (tid == 128) tl::loads_issued();
