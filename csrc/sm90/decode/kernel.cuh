@@ -9,12 +9,15 @@
 //       page's K-RoPE chunk (dead once S is done; same 64 x 64 swizzled tile), the per-row O
 //       rescale factor (and 1 / row sum on a sequence's last page) into the stage's slot.
 //   WG1, WG2 (value warpgroups, 176 regs): each owns 256 of the 512 output dims:
-//       O = O * rescale + P . V (wgmma m64n256k16, 4 k-steps), epilogue per sequence.
-//       Thread 128 is the TMA producer: it refills a stage as soon as both have finished with it.
+//       O = O * rescale + P . V (wgmma m64n256k16, 4 k-steps, committed as two groups of 2),
+//       epilogue per sequence. The first warp of each is a TMA producer and refills its own four
+//       V chunks of the stage in two parts: rows 0-31 once its first two k-steps are done, rows
+//       32-63 once all four are; WG1's first warp then reloads the RoPE chunk once both are done.
 // S of page i+1 (WG0) runs on the tensor cores while P.V of page i (WG1/2) does.
-// Shared memory: Q (72 KB), two 72 KB KV stages (TMA, one 64 x 64 x 9 box: nine 64 x 64 chunks with 128B swizzle),
-// 1 KB of row factors and the workspace slot of each stage's split, mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads),
-// empty (WG1/2's 256 threads). fp32 accumulation throughout.
+// Shared memory: Q (72 KB), two 72 KB KV stages (nine 64 x 64 chunks with 128B swizzle; TMA boxes
+// of 32 rows x one chunk), 1 KB of row factors and the workspace slot of each stage's split,
+// mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads), empty (WG1/2's 256 threads).
+// fp32 accumulation throughout. docs/kernel-notes.md has each version's measurements.
 // (Q in WG0's registers, which would free 72 KB for a third stage, does not fit: WG0 then needs
 // ~210 registers and each value warpgroup 160, over the 3 x 168 the CTA has.)
 
