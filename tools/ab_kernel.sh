@@ -15,7 +15,9 @@
 # are tools/gpu_check.sh's steps, run with SKIP_BUILD=1 in that version's tree). STEPS="..."
 # picks steps (default: tests quick timeline sanitize; also: bench, the full sweep of each version
 # into bench-{a,b,..}.json, and decoder, the decoder's GPU tests on B). Every step has a time limit and a
-# timestamp; logs go to $OUT: run.log (the quick rows too), build.log, timeline-{a,b,..}.json.
+# timestamp; logs go to $OUT: run.log (the quick rows too), build.log, timeline-{a,b,..}.json,
+# bench-{a,b,..}.json and summary.txt (tools/ab_summary.py: the quick rows side by side, and each
+# sweep against A by class of rows).
 set -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 [ $# -ge 2 ] && [ $# -le 4 ] || { echo "usage: $0 TREE_A TREE_B [TREE_C [TREE_D]]"; exit 2; }
@@ -69,3 +71,4 @@ export PYTHONUNBUFFERED=1
   done
   date -u
 } 2>&1 | tee "$OUT/run.log"
+python3 "$TOOLS/ab_summary.py" "$OUT" | tee "$OUT/summary.txt"  # quick rows side by side; sweeps against A
