@@ -44,8 +44,9 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   const int rows = a.s_q * a.h_q;
   // A 64-row tile (a page of the cache, or 64 query rows) lands in shared memory as kChunks
   // chunks of 64 rows x 64 columns (128 B rows, 128B swizzle), chunk after chunk: in global
-  // memory that is the view (column in chunk, row, chunk), strides (2 B, 1152 B, 128 B), so one
-  // TMA box of 64 x 64 x 9 carries the whole tile (nine 2-D boxes took nine issues).
+  // memory that is the view (column in chunk, row, chunk), strides (2 B, 1152 B, 128 B). One TMA
+  // box of 64 x 64 x 9 carries a whole Q tile; the cache's box is 32 rows of one chunk, since the
+  // kernel refills a page in parts as its chunks free up.
   constexpr cuuint64_t kRowBytes = kHeadDim * 2, kChunkStride = sm90::kChunkCols * 2;
   const cuuint64_t q_dims[4] = {sm90::kChunkCols, static_cast<cuuint64_t>(rows), sm90::kChunks,
                                 static_cast<cuuint64_t>(a.batch)};
@@ -54,7 +55,7 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   const CUtensorMap tmap_q = make_map(a.q, a.dtype, 4, q_dims, q_strides, box);
   const cuuint64_t kv_dims[3] = {sm90::kChunkCols, static_cast<cuuint64_t>(a.num_blocks) * kPageSize, sm90::kChunks};
   const cuuint64_t kv_strides[2] = {kRowBytes, kChunkStride};
-  const cuuint32_t kv_box[3] = {sm90::kChunkCols, kPageSize / 2, 1};  // half a chunk: the kernel refills a page in two parts
+  const cuuint32_t kv_box[3] = {sm90::kChunkCols, kPageSize / 2, 1};
   const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 3, kv_dims, kv_strides, kv_box);
 
   sm90::Params p;

@@ -21,7 +21,7 @@ enum Page {
   kPReady,          // WG0: softmax done, P and row factors written, p_full arrived
   kValueIssue,      // WG1: p_full seen, P.V issued
   kValueDone,       // WG1: P.V done
-  kRefillIssued,    // WG1's producer: both value warpgroups done, the next load of this stage issued
+  kRefillIssued,    // WG1's producer: both value warpgroups done, the last part of this stage's refill issued
   kValue2Done,      // WG2: P.V done
 };
 
