@@ -57,14 +57,6 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
   const cuuint64_t kv_strides[2] = {kRowBytes, kChunkStride};
   const cuuint32_t kv_box[3] = {sm90::kChunkCols, kPageSize / 2, 1};
   const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 3, kv_dims, kv_strides, kv_box);
-  // The output, as the kernel stores it from shared memory: (column in chunk, row, chunk, sequence),
-  // box 64 x 64 x 4 x 1 (one value warpgroup's 256 columns of a 64-row tile).
-  constexpr cuuint64_t kOutRowBytes = kHeadDimV * 2;
-  const cuuint64_t out_dims[4] = {sm90::kChunkCols, static_cast<cuuint64_t>(rows), kHeadDimV / sm90::kChunkCols,
-                                  static_cast<cuuint64_t>(a.batch)};
-  const cuuint64_t out_strides[3] = {kOutRowBytes, kChunkStride, static_cast<cuuint64_t>(rows) * kOutRowBytes};
-  const cuuint32_t out_box[4] = {sm90::kChunkCols, 64, 4, 1};
-  const CUtensorMap tmap_out = make_map(a.out, a.dtype, 4, out_dims, out_strides, out_box);
 
   sm90::Params p;
   p.q = a.q;
@@ -90,7 +82,7 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
     attr_set = true;
   }
   const dim3 grid((rows + kTileRows - 1) / kTileRows, a.num_parts);
-  sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, tmap_out, p);
+  sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
 }
 
 }  // namespace

@@ -115,17 +115,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// TMA store (shared -> global), bulk-group completion.
-__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2, int c3) {
-  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%2, %3, %4, %5}], [%1];" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-               : "memory");
-  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-}
-__device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
-__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 __device__ __forceinline__ void named_barrier(int id, int count) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
@@ -207,6 +196,27 @@ __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// A 4 x 4 transpose within each quad of lanes (lane % 4 = t): on return a[i] is what quad lane i
+// held in a[t]. Two rounds of shuffles; every lane of the warp must take part.
+__device__ __forceinline__ void quad_transpose(uint32_t (&a)[4], int t) {
+  const bool odd = t & 1, upper = t & 2;
+  uint32_t s0 = odd ? a[0] : a[1], s1 = odd ? a[2] : a[3];
+  uint32_t r0 = __shfl_xor_sync(0xffffffff, s0, 1), r1 = __shfl_xor_sync(0xffffffff, s1, 1);
+  // (selects, not a[odd ? 0 : 1] = r0: a run-time index would put a[] in local memory)
+  a[0] = odd ? r0 : a[0];
+  a[1] = odd ? a[1] : r0;
+  a[2] = odd ? r1 : a[2];
+  a[3] = odd ? a[3] : r1;
+  s0 = upper ? a[0] : a[2];
+  s1 = upper ? a[1] : a[3];
+  r0 = __shfl_xor_sync(0xffffffff, s0, 2);
+  r1 = __shfl_xor_sync(0xffffffff, s1, 2);
+  a[0] = upper ? r0 : a[0];
+  a[1] = upper ? r1 : a[1];
+  a[2] = upper ? a[2] : r0;
+  a[3] = upper ? a[3] : r1;
+}
+
 // ------------------------------------------------------------------ the kernel
 
 
@@ -241,8 +251,7 @@ __device__ __forceinline__ void advance(Cursor& c, const Stretch& st, const int3
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv,
-                  const __grid_constant__ CUtensorMap tmap_out, Params p) {
+    decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   using QK = typename Gmma<T>::QK;
   using QKs = typename Gmma<T>::QKs;
   using PV = typename Gmma<T>::PV;
@@ -262,10 +271,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   // scheduled once every CTA got here; it waits for this grid's completion before reading.
   asm volatile("griddepcontrol.launch_dependents;");
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
-  // The TMA descriptors now, beside the metadata reads, not at the first load.
+  // The two TMA descriptors into the cache now, beside the metadata reads, not at the first load.
   if (tid == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_q)) : "memory");
   if (tid == 128) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_kv)) : "memory");
-  if (tid == 256) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_out)) : "memory");
   const int m_tile = blockIdx.x;
   const int32_t* meta = p.metadata + blockIdx.y * kMetadataSize;
   const Stretch st{meta[0], meta[1], meta[2], meta[3]};
@@ -521,47 +529,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool refill = producer && ld.b <= st.end_b;
       wgmma_wait<1>();  // tokens 0-31 read: their V rows may be reloaded
       named_barrier(4 + v, 128);  // (this warpgroup's four warps)
-      if (refill && !(last && slot_s[stage] < 0)) issue_part(stage, 0);
+      if (refill) issue_part(stage, 0);
       wgmma_wait<0>();
       fence_regs(o);
       if (tid == 128) tl::page(g, tl::kValueDone);
       if (tid == 256) tl::page(g, tl::kValue2Done);
-      // A sequence's finished O (q's dtype) goes out through this warpgroup's four V chunks of the
-      // stage and one TMA store, so its 32 KB leave in the background; fp32 partials are stored
-      // directly. (The slot is written by WG0 before p_full.) Read only after P.V's last wait: with
-      // this shared-memory read before the wgmma issue, ptxas serialises the wgmma (C7520).
-      const bool staged = last && slot_s[stage] < 0;
+      named_barrier(4 + v, 128);
+      if (refill) issue_part(stage, 1);
       float inv[2] = {0.f, 0.f};
+      int slot = 0;
       if (last) {
         inv[0] = inv_l_s[stage * 64 + r0];
         inv[1] = inv_l_s[stage * 64 + r0 + 8];
+        slot = slot_s[stage];
       }
-      named_barrier(4 + v, 128);  // this warpgroup's P.V has read its V chunks
-      if (staged) {
-        // O into this warpgroup's V chunks: the layout TMA reads with the 128B swizzle (as P's).
-        uint8_t* chunks = smem + kSmemKV + stage * kPageBytes + 4 * v * kChunkBytes;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = r0 + 8 * h;  // row & 7 == r0 & 7
-          const uint32_t base = smem_addr(chunks) + row * 128 + col_base * 2;
-#pragma unroll
-          for (int j = 0; j < 32; ++j) {
-            const uint32_t addr = base + (j / 8) * kChunkBytes + (((j % 8) ^ (row & 7)) << 4);
-            asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(pack2<T>(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h])) : "memory");
-          }
-        }
-        fence_proxy_async();
-        named_barrier(4 + v, 128);
-        if (producer) {  // rows past s_q * h_q are outside the map: TMA leaves them unwritten
-          if (lane == 0) {
-            tma_store_4d(&tmap_out, smem_addr(chunks), 0, m_tile * 64, 4 * v, b);
-            tma_store_wait_read();  // the chunks may be reloaded once the store has read them
-          }
-          __syncwarp();
-          if (refill) issue_part(stage, 0);
-        }
-      }
-      if (refill) issue_part(stage, 1);
       mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
       if (refill && v == 0) {  // both value warpgroups are done with the stage: its RoPE chunk
         mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);
@@ -569,21 +550,40 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0) tl::page(g, tl::kRefillIssued);
       }
       if (refill) ld_next();
-      if (last && !staged) {
-        // fp32 partials: a lane's 2 columns are 8 bytes, so a quad writes whole 32-byte sectors.
+      if (last) {
+        // The accumulator layout gives a lane 2 adjacent columns of every 8: a quad of lanes holds
+        // 32 adjacent columns of a row per 4 steps of j. For the output (2-byte elements) a transpose
+        // within the quad gives each lane 8 adjacent columns, so a row goes out in 16-byte stores:
+        // 4x fewer store instructions than 4-byte ones, and whole 32-byte sectors.
+        const int t = lane % 4;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = m_tile * 64 + r0 + 8 * h;
-          if (row >= p.rows) continue;
-          float* dst = p.out_accum + (static_cast<int64_t>(slot_s[stage]) * p.rows + row) * kHeadDimV + v * 256 + col_base;
+          const bool keep = row < p.rows;  // the shuffles need every lane; only the stores are predicated
+          if (slot < 0) {
+            T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + v * 256;
 #pragma unroll
-          for (int j = 0; j < 32; ++j)
-            *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+            for (int k = 0; k < 8; ++k) {
+              uint32_t w[4];
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                w[i] = pack2<T>(o[4 * (4 * k + i) + 2 * h] * inv[h], o[4 * (4 * k + i) + 2 * h + 1] * inv[h]);
+              quad_transpose(w, t);  // w[i]: columns 8 (4 k + t) + 2 i, + 1
+              if (keep) *reinterpret_cast<uint4*>(dst + 8 * (4 * k + t)) = make_uint4(w[0], w[1], w[2], w[3]);
+            }
+          } else {
+            // fp32 partials: a lane's 2 columns are 8 bytes, so a quad already writes whole 32-byte sectors.
+            float* dst = p.out_accum + (static_cast<int64_t>(slot) * p.rows + row) * kHeadDimV + v * 256 + col_base;
+            if (keep) {
+#pragma unroll
+              for (int j = 0; j < 32; ++j)
+                *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+            }
+          }
         }
       }
       advance(cur, st, p.cache_seqlens);
     }
-    if (producer && lane == 0) tma_store_wait_all();  // the last output store is complete before the CTA ends
     if (tid == 128) tl::end(g);
   }
 }
