@@ -1,5 +1,6 @@
-"""Summary of one tools/ab_kernel.sh call: each version's quick rows side by side, and the full
-sweeps against version a by class of rows (geometric means of µs ratios).
+"""Summary of one tools/ab_kernel.sh call: what ptxas warned of in each build, each version's quick
+rows side by side, and the full sweeps against version a by class of rows (geometric means of µs
+ratios).
 
     python3 tools/ab_summary.py OUT_DIR      # the folder with run.log and bench-{a,b,..}.json
 """
@@ -32,6 +33,29 @@ def quick_rows(run_log: str) -> dict[str, dict[tuple, list[float]]]:
     return rows
 
 
+BUILD = re.compile(r"^== \S*/build-(\w+)\.log$")
+PTXAS_BAD = re.compile(r"\(C75\d\d\)|[1-9]\d* bytes spill")
+
+
+def ptxas_warnings(run_log: str) -> dict[str, list[str]]:
+    """build (version + 0 plain / 1 measuring) -> its ptxas lines that cost speed: a C75xx warning
+    (C7520: wgmma serialised) or a spill. ab_kernel.sh prints them under '== .../build-XN.log'."""
+    found: dict[str, list[str]] = {}
+    build = None
+    with open(run_log) as f:
+        for line in f:
+            head = BUILD.match(line.strip())
+            if head:
+                build = head.group(1)
+                found[build] = []
+                continue
+            if line.startswith("=="):
+                build = None
+            elif build and PTXAS_BAD.search(line):
+                found[build].append(" ".join(line.split()[:14]))
+    return found
+
+
 def row_class(r: dict) -> str:
     if r["b"] < 128:
         return "small batches"
@@ -41,6 +65,10 @@ def row_class(r: dict) -> str:
 def main(out: str) -> None:
     log = os.path.join(out, "run.log")
     if os.path.exists(log):
+        for build, lines in ptxas_warnings(log).items():
+            print(f"ptxas, build {build}: " + ("clean (no C75xx warning, no spill)" if not lines else "WARNING"))
+            for line in lines:
+                print(f"  {line}")
         q = quick_rows(log)
         versions = sorted(q)
         if versions:
