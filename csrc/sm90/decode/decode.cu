@@ -60,8 +60,6 @@ void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
 
   sm90::Params p;
   p.q = a.q;
-  p.kv_cache = a.kv_cache;
-  p.num_blocks = static_cast<int>(a.num_blocks);
   p.block_table = a.block_table;
   p.cache_seqlens = a.cache_seqlens;
   p.metadata = a.metadata;

@@ -60,7 +60,6 @@ static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
 struct Params {
   const void* q;
-  const void* kv_cache;  // [num_blocks, 64, 1, 576], contiguous: a page is kPageBytes in a row
   const int32_t* block_table;
   const int32_t* cache_seqlens;
   const int32_t* metadata;
@@ -69,7 +68,7 @@ struct Params {
   float* lse;
   float* out_accum;
   float* lse_accum;
-  int batch, s_q, h_q, rows, max_blocks, num_blocks;
+  int batch, s_q, h_q, rows, max_blocks;
   float scale_log2;  // softmax_scale * log2(e)
   int causal;
 };
@@ -114,11 +113,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
           "r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
       : "memory");
-}
-
-// A bulk prefetch of global memory into L2 (no shared memory, no barrier).
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(reinterpret_cast<uint64_t>(p)), "r"(bytes) : "memory");
 }
 
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
@@ -490,25 +484,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         tma_load_3d(s_kv + stage * kPageBytes + chunk * kChunkBytes + row * 128, &tmap_kv, bar_full + 8 * stage, 0,
                     next_block * kPageSize + row, chunk);
     };
-    // WG1's producer also prefetches into L2 the page after the next load: issued beside the next
-    // P.V, about a period and a P.V before its TMA load, so that load finds it in L2 instead of
-    // waiting for DRAM. (Its block id is read at the refill before, so the prefetch does not wait
-    // for that read.)
-    int pf_block = -1;  // the page to prefetch beside the next P.V (-1: none; only WG1's producer sets it)
-    auto prefetch_page = [&](int block) {
-      if (lane == 0) prefetch_l2(static_cast<const uint8_t*>(p.kv_cache) + static_cast<int64_t>(block) * kPageBytes, kPageBytes);
-    };
     auto ld_next = [&] {
       advance(ld, st, p.cache_seqlens);
-      if (ld.b <= st.end_b) {
-        next_block = block_of(ld);
-        if (v == 0) {
-          Cursor after = ld;
-          advance(after, st, p.cache_seqlens);
-          pf_block = after.b <= st.end_b ? block_of(after) : -1;
-          if (static_cast<unsigned>(pf_block) >= static_cast<unsigned>(p.num_blocks)) pf_block = -1;  // (TMA zero-fills such a page; a prefetch must not touch it)
-        }
-      }
+      if (ld.b <= st.end_b) next_block = block_of(ld);
     };
     if (producer) {
       for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) {
@@ -518,8 +496,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         ld_next();
       }
       if (tid == 128) tl::loads_issued();
-      if (v == 0 && ld.b <= st.end_b && static_cast<unsigned>(next_block) < static_cast<unsigned>(p.num_blocks))
-        prefetch_page(next_block);  // the next load's page itself
     }
 
 
@@ -550,10 +526,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       pv_step(2);
       pv_step(3);
       wgmma_commit();
-      if (pf_block >= 0) {
-        prefetch_page(pf_block);
-        pf_block = -1;
-      }
       const bool refill = producer && ld.b <= st.end_b;
       wgmma_wait<1>();  // tokens 0-31 read: their V rows may be reloaded
       named_barrier(4 + v, 128);  // (this warpgroup's four warps)
