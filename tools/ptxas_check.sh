@@ -6,16 +6,16 @@
 #   bash tools/ptxas_check.sh [TREE]            # TREE: a checkout (default: this one)
 #   EXTRA=-DMLA_TIMELINE bash tools/ptxas_check.sh   # the measuring build
 #
-# Headers: $CUTLASS_INCLUDE, else the nvidia-cutlass wheel in .whl/ (unpacked once into /tmp).
+# Headers: $CUTLASS_INCLUDE, else the nvidia-cutlass wheel in .whl/ (tools/cutlass_env.sh, as for the
+# GPU scripts), found where setup.py finds it.
 set -euo pipefail
 TREE=$(realpath "${1:-.}")
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
 if [ -z "${CUTLASS_INCLUDE:-}" ]; then
-  whl=$(ls "$(dirname "$0")"/../.whl/nvidia_cutlass-*.whl 2>/dev/null | head -1 || true)
-  [ -n "$whl" ] || { echo "no CUTLASS_INCLUDE and no .whl/nvidia_cutlass-*.whl"; exit 2; }
-  [ -d /tmp/cutl/cutlass_library/source/include ] || python3 -m zipfile -e "$whl" /tmp/cutl
-  CUTLASS_INCLUDE=/tmp/cutl/cutlass_library/source/include
+  cd "$(dirname "$0")/.." && source tools/cutlass_env.sh
+  CUTLASS_INCLUDE=$(python3 -c "import cutlass_library, os; print(os.path.join(os.path.dirname(cutlass_library.__file__), 'source', 'include'))") \
+    || { echo "no CUTLASS_INCLUDE, and no nvidia-cutlass wheel in .whl/ or installed"; exit 2; }
 fi
 log=$(mktemp)
 "$NVCC" -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr --expt-extended-lambda \
