@@ -1,18 +1,22 @@
-"""Kernel benchmark: ``python -m torch_mla.bench [--quick] [--json PATH]``.
+"""Kernel benchmark: ``python -m torch_mla.bench [--quick|--small] [--baseline ...] [--json PATH]``.
 
-Follows the protocol of BENCHMARKS.md: measures the device's ceilings (device-to-device copy
+Follows the protocol of docs/benchmarks.md: measures the device's ceilings (device-to-device copy
 bandwidth, bf16 8192^3 matrix rate) in the same run, then for each shape builds random inputs
-with pages scattered by a random permutation, checks the result against the reference, and
-times ``mla.decode`` (metadata made once beforehand, as FlashMLA is timed) two ways:
-``triton.testing.do_bench`` (median) around the Python call, and the replay of a CUDA graph of
-the same call. Each row: µs, GB/s, TFLOP/s, fractions of the ceilings, FlashMLA's figure (measured
-on an H100 80GB HBM3; on another device the bench says so, since the comparison then crosses
-devices) and our speed-up over it (its µs / ours).
+with pages scattered by a random permutation, checks each kernel's result against the reference,
+and times ``mla.decode`` (metadata made once beforehand) two ways: ``triton.testing.do_bench``
+(median) around the Python call, and the replay of a CUDA graph of the same call.
+
+When FlashMLA (``flash_mla``) is importable, it is timed on the same inputs in the same process:
+the two kernels alternate (a, b, a, b) and each keeps the better of its two medians, so a drift of
+the device during the sweep hits both alike. Each row then prints both times and the ratio
+(FlashMLA µs / torch-mla µs: above 1, torch-mla is faster); the end prints the geometric mean of
+the ratio per class of rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import platform
@@ -24,19 +28,12 @@ import torch
 
 import torch_mla
 from torch_mla import reference
+from torch_mla.ops import HEAD_DIM, HEAD_DIM_V
 
-HEAD_DIM, HEAD_DIM_V, PAGE = 576, 512, 64
-
-# FlashMLA (April 2025), H100 80GB HBM3, BENCHMARKS.md: (b, s_q, seqlen, h_q) -> (µs fixed, µs varlen)
-FLASHMLA_DEVICE = "NVIDIA H100 80GB HBM3"
-FLASHMLA_US = {
-    (128, 1, 4096, 16): (231, 244), (128, 1, 4096, 64): (234, 252), (128, 1, 4096, 128): (266, 304),
-    (128, 2, 4096, 128): (483, 500), (128, 1, 8192, 16): (441, 450), (128, 1, 8192, 128): (544, 575),
-    (128, 2, 8192, 128): (950, 957), (128, 1, 16384, 16): (850, 843), (128, 1, 16384, 64): (879, 873),
-    (128, 1, 16384, 128): (1065, 998), (128, 2, 16384, 128): (1869, 1820),
-    (1, 1, 4096, 16): (28.3, None), (1, 1, 32768, 128): (72.9, None), (8, 1, 8192, 128): (56.7, None),
-    (32, 1, 4096, 128): (85.3, None), (64, 1, 2048, 128): (75.6, None),
-}
+PAGE = 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The classes the summary reports (geometric mean of the ratio in each).
+CLASSES = ("compute-bound (b=128, h_q*s_q >= 128)", "memory-bound (b=128, h_q*s_q <= 64)", "small batch (b < 128)")
 
 
 def _do_bench(fn, warmup=25, rep=100):
@@ -94,14 +91,35 @@ def check(q, kv_cache, block_table, lens, out, lse, causal, max_seqs=8):
     return ok, rel, lse_err
 
 
-def bench_shape(batch, s_q, h_q, seqlen, varlen, ceilings, causal=True, seed=0) -> dict:
-    q, kv_cache, block_table, lens = make_inputs(batch, s_q, h_q, seqlen, varlen, seed=seed)
-    md, ns = torch_mla.get_metadata(lens, s_q * h_q, 1)
-    call = lambda: torch_mla.decode(q, kv_cache, block_table, lens, causal=causal, tile_scheduler_metadata=md,
+# --------------------------------------------------------------------------------------------
+# The kernels under test: each turns one shape's inputs into a call with its metadata made once.
+# --------------------------------------------------------------------------------------------
+
+
+def torch_mla_call(q, kv_cache, block_table, lens, causal):
+    md, ns = torch_mla.get_metadata(lens, q.shape[1] * q.shape[2], 1)
+    return lambda: torch_mla.decode(q, kv_cache, block_table, lens, causal=causal, tile_scheduler_metadata=md,
                                     num_splits=ns)
-    out, lse = call()
-    ok, rel, lse_err = check(q, kv_cache, block_table, lens, out, lse, causal)
-    eager_us = _do_bench(call)
+
+
+def load_baseline(choice: str):
+    """The FlashMLA module for ``--baseline`` (auto: if importable), or None with the reason."""
+    if choice == "none":
+        return None, "not asked for (--baseline none)"
+    try:
+        return importlib.import_module("flash_mla"), None
+    except ImportError as e:
+        if choice == "flashmla":
+            raise SystemExit(f"bench: --baseline flashmla: cannot import flash_mla ({e})")
+        return None, f"flash_mla is not importable ({e})"
+
+
+def flashmla_call(flash_mla, q, kv_cache, block_table, lens, causal):
+    md, ns = flash_mla.get_mla_metadata(lens, q.shape[1] * q.shape[2], 1)
+    return lambda: flash_mla.flash_mla_with_kvcache(q, kv_cache, block_table, lens, HEAD_DIM_V, md, ns, causal=causal)
+
+
+def _graph_of(call):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -110,94 +128,201 @@ def bench_shape(batch, s_q, h_q, seqlen, varlen, ceilings, causal=True, seed=0) 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    graph_us = _do_bench(graph.replay)
+    return graph
+
+
+def time_alternating(calls: dict, rounds: int = 2) -> dict:
+    """{name: (eager µs, graph µs)}: the kernels take turns (a, b, a, b), each keeps its best median."""
+    graphs = {name: _graph_of(call) for name, call in calls.items()}
+    best = {name: [math.inf, math.inf] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            best[name][0] = min(best[name][0], _do_bench(call))
+        for name, graph in graphs.items():
+            best[name][1] = min(best[name][1], _do_bench(graph.replay))
+    return {name: tuple(v) for name, v in best.items()}
+
+
+def row_class(row: dict) -> str:
+    if row["b"] < 128:
+        return CLASSES[2]
+    return CLASSES[0] if row["s_q"] * row["h_q"] >= 128 else CLASSES[1]
+
+
+def bench_shape(batch, s_q, h_q, seqlen, varlen, ceilings, dtype=torch.bfloat16, flash_mla=None, causal=True,
+                seed=0) -> dict:
+    q, kv_cache, block_table, lens = make_inputs(batch, s_q, h_q, seqlen, varlen, dtype=dtype, seed=seed)
+    calls = {"torch_mla": torch_mla_call(q, kv_cache, block_table, lens, causal)}
+    if flash_mla is not None:
+        calls["flashmla"] = flashmla_call(flash_mla, q, kv_cache, block_table, lens, causal)
     total_kv = int(lens.sum())
     nbytes = (total_kv * HEAD_DIM + batch * s_q * h_q * HEAD_DIM + batch * s_q * h_q * HEAD_DIM_V) * 2
     flops = 2 * s_q * h_q * total_kv * (HEAD_DIM + HEAD_DIM_V)
-    peer = FLASHMLA_US.get((batch, s_q, seqlen, h_q), (None, None))[1 if varlen else 0]
-    row = {
-        "b": batch, "s_q": s_q, "seqlen": seqlen, "h_q": h_q, "varlen": varlen, "causal": causal,
-        "total_kv": total_kv, "ok": ok, "out_rel_err": rel, "lse_abs_err": lse_err,
-        "us": eager_us, "graph_us": graph_us,
-        "GBps": nbytes / (eager_us * 1e-6) / 1e9, "TFLOPs": flops / (eager_us * 1e-6) / 1e12,
-        "graph_GBps": nbytes / (graph_us * 1e-6) / 1e9, "graph_TFLOPs": flops / (graph_us * 1e-6) / 1e12,
-        "flashmla_us": peer,
-        "speedup_vs_flashmla": (peer / eager_us) if peer else None,
-        "graph_speedup_vs_flashmla": (peer / graph_us) if peer else None,
-    }
-    row["frac_copy"] = row["GBps"] / ceilings["copy_GBps"]
-    row["frac_matmul"] = row["TFLOPs"] / ceilings["matmul_TFLOPs"]
-    del q, kv_cache, block_table, lens, out, lse, graph
+    row = {"b": batch, "s_q": s_q, "seqlen": seqlen, "h_q": h_q, "varlen": varlen, "causal": causal,
+           "dtype": str(dtype).removeprefix("torch."), "total_kv": total_kv, "bytes": nbytes, "flops": flops}
+    for name, call in calls.items():
+        out, lse = call()
+        ok, rel, lse_err = check(q, kv_cache, block_table, lens, out, lse, causal)
+        row[name] = {"ok": ok, "out_rel_err": rel, "lse_abs_err": lse_err}
+    for name, (eager_us, graph_us) in time_alternating(calls).items():
+        row[name].update(us=eager_us, graph_us=graph_us)
+    add_figures(row, ceilings)
+    del q, kv_cache, block_table, lens, calls
     torch.cuda.empty_cache()
     return row
 
 
-SMALL_BATCH_ROWS = [(1, 1, 16, 4096, False), (1, 1, 128, 32768, False), (8, 1, 128, 8192, False),
-                    (32, 1, 128, 4096, False), (64, 1, 128, 2048, False)]
+def add_figures(row: dict, ceilings: dict) -> None:
+    """Rates, fractions of the ceilings and, with a baseline, the ratios (FlashMLA µs / ours)."""
+    for name in ("torch_mla", "flashmla"):
+        k = row.get(name)
+        if k is None:
+            continue
+        k["GBps"] = row["bytes"] / (k["us"] * 1e-6) / 1e9
+        k["TFLOPs"] = row["flops"] / (k["us"] * 1e-6) / 1e12
+        k["frac_copy"] = k["GBps"] / ceilings["copy_GBps"]
+        k["frac_matmul"] = k["TFLOPs"] / ceilings["matmul_TFLOPs"]
+    if "flashmla" in row:
+        row["ratio"] = row["flashmla"]["us"] / row["torch_mla"]["us"]
+        row["graph_ratio"] = row["flashmla"]["graph_us"] / row["torch_mla"]["graph_us"]
 
 
-def shapes(quick: bool, small: bool = False):
-    rows = []
+def format_row(row: dict) -> str:
+    ours = row["torch_mla"]
+    line = (f"b={row['b']:<3} s_q={row['s_q']} seqlen={row['seqlen']:<5} h_q={row['h_q']:<3} "
+            f"{'var' if row['varlen'] else 'fix'} ok={ours['ok']!s:<5} us={ours['us']:8.1f} "
+            f"graph_us={ours['graph_us']:8.1f} {row['dtype']} TFLOP/s={ours['TFLOPs']:5.0f} "
+            f"copy%={100 * ours['frac_copy']:4.0f} mm%={100 * ours['frac_matmul']:4.0f}")
+    base = row.get("flashmla")
+    if base is not None:
+        line += (f" | flashmla ok={base['ok']!s:<5} us={base['us']:8.1f} graph_us={base['graph_us']:8.1f} "
+                 f"mm%={100 * base['frac_matmul']:4.0f} copy%={100 * base['frac_copy']:4.0f} "
+                 f"x={row['ratio']:.2f} graph_x={row['graph_ratio']:.2f}")
+    return line
+
+
+def _geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per class of rows: count, geometric mean, min and max of the ratio on both timings.
+
+    Empty when no row has a baseline. The ratio is FlashMLA µs / torch-mla µs (above 1: faster).
+    """
+    out = {}
+    for cls in CLASSES:
+        mine = [r for r in rows if "ratio" in r and row_class(r) == cls]
+        if not mine:
+            continue
+        out[cls] = {"rows": len(mine)}
+        for key in ("ratio", "graph_ratio"):
+            vals = [r[key] for r in mine]
+            out[cls][key] = {"geomean": _geomean(vals), "min": min(vals), "max": max(vals)}
+    return out
+
+
+def format_summary(summary: dict) -> list[str]:
+    lines = []
+    for cls, s in summary.items():
+        r, g = s["ratio"], s["graph_ratio"]
+        lines.append(f"{cls}: {s['rows']} rows, FlashMLA / torch-mla geomean {r['geomean']:.3f} "
+                     f"(min {r['min']:.2f}, max {r['max']:.2f}); graph replay {g['geomean']:.3f} "
+                     f"(min {g['min']:.2f}, max {g['max']:.2f})")
+    return lines
+
+
+# b=1/8/32/64 at h_q 16 and 128, as (b, s_q, h_q, seqlen, varlen).
+SMALL_BATCH_ROWS = [(1, 1, 16, 4096, False), (1, 1, 128, 32768, False), (8, 1, 16, 8192, False),
+                    (8, 1, 128, 8192, False), (32, 1, 16, 4096, False), (32, 1, 128, 4096, False),
+                    (64, 1, 16, 2048, False), (64, 1, 128, 2048, False)]
+
+
+def shapes(quick: bool = False, small: bool = False):
     if small:
         return list(SMALL_BATCH_ROWS)
     if quick:
-        for s_q, h_q, seqlen in ((1, 16, 8192), (1, 64, 4096), (1, 128, 4096), (2, 128, 4096)):
-            rows.append((128, s_q, h_q, seqlen, False))
-        rows += [(1, 1, 16, 4096, False), (8, 1, 128, 8192, False)]
-        return rows
-    for seqlen in (4096, 8192, 16384):
-        for h_q in (16, 32, 64, 128):
-            for s_q in (1, 2):
-                for varlen in (False, True):
-                    rows.append((128, s_q, h_q, seqlen, varlen))
+        rows = [(128, s_q, h_q, seqlen, False) for s_q, h_q, seqlen in
+                ((1, 16, 8192), (1, 64, 4096), (1, 128, 4096), (2, 128, 4096))]
+        return rows + [(1, 1, 16, 4096, False), (8, 1, 128, 8192, False), (64, 1, 128, 2048, False)]
+    rows = [(128, s_q, h_q, seqlen, varlen) for seqlen in (4096, 8192, 16384) for h_q in (16, 32, 64, 128)
+            for s_q in (1, 2) for varlen in (False, True)]
     return rows + SMALL_BATCH_ROWS
 
 
-def _fmt(x, spec):
-    return format(x, spec) if x is not None else "-"
+def _dtype_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in DTYPES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(DTYPES)}, got {text!r}")
+    return names
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few representative shapes")
-    parser.add_argument("--small", action="store_true", help="only the small-batch rows")
-    parser.add_argument("--json", help="write the rows (and ceilings) as JSON here")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or not torch_mla.has_cuda_kernel():
-        sys.exit(f"needs a GPU and the compiled kernel ({torch_mla._CUDA_KERNEL_ERROR})")
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def run_kernel_sweep(args) -> int:
+    if not torch.cuda.is_available():
+        print("bench: needs a CUDA GPU; none is visible", file=sys.stderr)
+        return 2
+    if not torch_mla.has_cuda_kernel():
+        print(f"bench: the CUDA kernel is not loaded ({torch_mla._CUDA_KERNEL_ERROR})", file=sys.stderr)
+        return 2
+    flash_mla, absent = load_baseline(args.baseline)
     torch.backends.cuda.matmul.allow_tf32 = False
+    results = []
     with torch.inference_mode():
         ceilings = measure_ceilings()
         device = torch.cuda.get_device_name()
         print(f"device: {device}  copy {ceilings['copy_GBps']:.0f} GB/s  "
               f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
-        if device != FLASHMLA_DEVICE:
-            print(f"note: the FlashMLA figures (flashmla_us, x, graph_x) were measured on an {FLASHMLA_DEVICE}, "
-                  f"not on this {device}: those columns compare across devices", flush=True)
-        results = []
-        for i, (b, s_q, h_q, seqlen, varlen) in enumerate(shapes(args.quick, args.small)):
-            row = bench_shape(b, s_q, h_q, seqlen, varlen, ceilings, seed=i + 1)
-            results.append(row)
-            print(f"b={b:<3} s_q={s_q} seqlen={seqlen:<5} h_q={h_q:<3} {'var' if varlen else 'fix'} "
-                  f"ok={row['ok']!s:<5} us={row['us']:8.1f} graph_us={row['graph_us']:8.1f} "
-                  f"GB/s={row['GBps']:6.0f} TFLOP/s={row['TFLOPs']:5.0f} copy%={100 * row['frac_copy']:4.0f} "
-                  f"mm%={100 * row['frac_matmul']:4.0f} flashmla_us={_fmt(row['flashmla_us'], '.1f')} "
-                  f"x={_fmt(row['speedup_vs_flashmla'], '.2f')} graph_x={_fmt(row['graph_speedup_vs_flashmla'], '.2f')}",
-                  flush=True)
+        print(f"baseline: {'FlashMLA ' + flash_mla.__file__ if flash_mla else 'absent: ' + absent}", flush=True)
+        seed = 0
+        for dtype in args.dtype:
+            for b, s_q, h_q, seqlen, varlen in shapes(args.quick, args.small):
+                seed += 1
+                row = bench_shape(b, s_q, h_q, seqlen, varlen, ceilings, dtype=DTYPES[dtype], flash_mla=flash_mla,
+                                  seed=seed)
+                results.append(row)
+                print(format_row(row), flush=True)
+    summary = summarize(results)
+    for line in format_summary(summary):
+        print(line)
     if args.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
         with open(args.json, "w") as f:
-            json.dump({"device": device, "flashmla_device": FLASHMLA_DEVICE,
-                       "torch": torch.__version__, "commit": commit,
+            json.dump({"device": device, "torch": torch.__version__, "commit": _commit(),
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
-                       "ceilings": ceilings, "rows": results}, f, indent=1)
-    bad = [r for r in results if not r["ok"]]
+                       "baseline": flash_mla.__file__ if flash_mla else None, "ceilings": ceilings,
+                       "summary": summary, "rows": results}, f, indent=1)
+    bad = [r for r in results for k in ("torch_mla", "flashmla") if k in r and not r[k]["ok"]]
     if bad:
-        sys.exit(f"{len(bad)} shapes failed the reference check")
+        print(f"bench: {len(bad)} results failed the reference check", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m torch_mla.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few representative shapes")
+    parser.add_argument("--small", action="store_true", help="only the small-batch rows")
+    parser.add_argument("--dtype", type=_dtype_list, default=["bf16"], help="bf16, fp16 or both: bf16,fp16")
+    parser.add_argument("--baseline", choices=("auto", "flashmla", "none"), default="auto",
+                        help="time FlashMLA on the same inputs: auto (when flash_mla is importable, the default), "
+                             "flashmla (required), none")
+    parser.add_argument("--json", help="write the rows, the ceilings and the summary as JSON here")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick and args.small:
+        build_parser().error("--quick and --small pick different rows: give one")
+    return run_kernel_sweep(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

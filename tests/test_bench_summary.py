@@ -1,0 +1,99 @@
+"""The benchmark's table and summary logic, on synthetic rows (no GPU, no timing).
+
+A row holds each kernel's times; the ratio is FlashMLA µs / torch-mla µs (above 1: torch-mla
+faster), on do_bench and on graph replay; the summary is the geometric mean per class of rows.
+"""
+
+import math
+
+import pytest
+
+from torch_mla import bench
+
+CEILINGS = {"copy_GBps": 4000.0, "matmul_TFLOPs": 700.0}
+
+
+def synthetic_row(b, s_q, h_q, ours_us, base_us=None, ours_graph=None, base_graph=None, seqlen=4096):
+    total_kv = b * seqlen
+    row = {"b": b, "s_q": s_q, "seqlen": seqlen, "h_q": h_q, "varlen": False, "causal": True, "dtype": "bfloat16",
+           "total_kv": total_kv, "bytes": total_kv * 576 * 2, "flops": 2 * s_q * h_q * total_kv * 1088,
+           "torch_mla": {"ok": True, "us": ours_us, "graph_us": ours_graph or ours_us}}
+    if base_us is not None:
+        row["flashmla"] = {"ok": True, "us": base_us, "graph_us": base_graph or base_us}
+    bench.add_figures(row, CEILINGS)
+    return row
+
+
+def test_ratio_is_baseline_time_over_ours_on_both_timings():
+    row = synthetic_row(128, 1, 128, ours_us=200.0, base_us=300.0, ours_graph=100.0, base_graph=90.0)
+    assert row["ratio"] == pytest.approx(1.5)
+    assert row["graph_ratio"] == pytest.approx(0.9)
+
+
+def test_fractions_of_the_ceilings_follow_bytes_and_flops():
+    row = synthetic_row(128, 2, 128, ours_us=1000.0)
+    ours = row["torch_mla"]
+    assert ours["GBps"] == pytest.approx(row["bytes"] / 1e-3 / 1e9)
+    assert ours["frac_copy"] == pytest.approx(ours["GBps"] / 4000.0)
+    assert ours["frac_matmul"] == pytest.approx(row["flops"] / 1e-3 / 1e12 / 700.0)
+    assert "ratio" not in row
+
+
+@pytest.mark.parametrize("b,s_q,h_q,cls", [
+    (128, 1, 128, 0), (128, 2, 64, 0), (128, 1, 64, 1), (128, 2, 32, 1), (128, 1, 16, 1), (1, 1, 128, 2), (64, 1, 16, 2),
+])
+def test_rows_fall_in_their_class(b, s_q, h_q, cls):
+    assert bench.row_class(synthetic_row(b, s_q, h_q, 10.0)) == bench.CLASSES[cls]
+
+
+def test_summary_is_the_geometric_mean_per_class_and_skips_rows_without_baseline():
+    rows = [synthetic_row(128, 1, 128, 100.0, 200.0), synthetic_row(128, 2, 128, 100.0, 50.0),  # 2 and 0.5
+            synthetic_row(128, 1, 16, 100.0, 110.0),
+            synthetic_row(1, 1, 16, 10.0, 30.0, ours_graph=10.0, base_graph=20.0),
+            synthetic_row(8, 1, 128, 10.0)]  # no baseline: not counted
+    s = bench.summarize(rows)
+    compute, memory, small = (s[c] for c in bench.CLASSES)
+    assert compute["rows"] == 2 and compute["ratio"]["geomean"] == pytest.approx(1.0)
+    assert (compute["ratio"]["min"], compute["ratio"]["max"]) == (pytest.approx(0.5), pytest.approx(2.0))
+    assert memory["rows"] == 1 and memory["ratio"]["geomean"] == pytest.approx(1.1)
+    assert small["rows"] == 1 and small["graph_ratio"]["geomean"] == pytest.approx(2.0)
+    lines = bench.format_summary(s)
+    assert len(lines) == 3 and "geomean 1.000" in lines[0]
+
+
+def test_summary_is_empty_without_a_baseline():
+    assert bench.summarize([synthetic_row(128, 1, 16, 100.0)]) == {}
+
+
+def test_a_row_prints_both_kernels_and_the_ratio_only_with_a_baseline():
+    with_base = bench.format_row(synthetic_row(128, 1, 128, 200.0, 300.0))
+    assert with_base.startswith("b=128 s_q=1 seqlen=4096  h_q=128 fix ok=True  us=   200.0")
+    assert "flashmla ok=True" in with_base and "us=   300.0" in with_base and "x=1.50" in with_base
+    alone = bench.format_row(synthetic_row(128, 1, 128, 200.0))
+    assert "flashmla" not in alone and "x=" not in alone
+
+
+def test_geomean_of_reciprocals_is_the_reciprocal():
+    xs = [0.5, 2.0, 1.3, 0.77]
+    assert bench._geomean(xs) * bench._geomean([1 / x for x in xs]) == pytest.approx(1.0)
+    assert bench._geomean([4.0, 1.0]) == pytest.approx(2.0)
+    assert math.isclose(bench._geomean([3.0]), 3.0)
+
+
+def test_cli_mistakes_are_one_line_errors(capsys):
+    for argv in (["--dtype", "fp32"], ["--baseline", "cutlass"], ["--quick", "--small"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("python -m torch_mla.bench: error:"), err
+
+
+def test_dtype_list_takes_both_kinds():
+    assert bench._dtype_list("bf16,fp16") == ["bf16", "fp16"]
+
+
+def test_without_a_gpu_the_sweep_says_so_and_exits_2(capsys, monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
