@@ -1,4 +1,4 @@
-"""tools/ab_summary.py reads an ab_kernel.sh log right (CPU: a synthetic run.log).
+"""tools/lab/ab_summary.py reads an ab_kernel.sh log right (CPU: a synthetic run.log).
 
 A build's ptxas lines that cost speed (a C75xx warning, a nonzero spill) are reported under that
 build and no other; the zero-spill lines every build prints are not; quick rows go to the version
@@ -8,7 +8,7 @@ whose block they follow.
 import importlib.util
 import pathlib
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "ab_summary.py"
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "lab" / "ab_summary.py"
 _spec = importlib.util.spec_from_file_location("ab_summary", _PATH)
 ab = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ab)

@@ -1,4 +1,4 @@
-"""tools/timeline.py reads the measuring build's event clocks right (CPU: a synthetic buffer).
+"""tools/lab/timeline.py reads the measuring build's event clocks right (CPU: a synthetic buffer).
 
 Each phase is the difference of its two named events, in µs by the CTA's own clock rate
 (globaltimer ns over clock64 cycles across the CTA's life); events never written (-1), CTAs
@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "timeline.py"
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "tools" / "lab" / "timeline.py"
 _spec = importlib.util.spec_from_file_location("timeline_tool", _PATH)
 tl = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(tl)

@@ -1,8 +1,8 @@
-"""Summary of one tools/ab_kernel.sh call: what ptxas warned of in each build, each version's quick
-rows side by side, and the full sweeps against version a by class of rows (geometric means of µs
-ratios).
+"""Summary of one tools/lab/ab_kernel.sh run: what ptxas warned of in each build, each version's
+quick rows side by side, and the full sweeps against version a by class of rows (geometric means
+of µs ratios).
 
-    python3 tools/ab_summary.py OUT_DIR      # the folder with run.log and bench-{a,b,..}.json
+    python3 tools/lab/ab_summary.py OUT_DIR      # the folder with run.log and bench-{a,b,..}.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a page's time goes inside the decode kernel: per-page event clocks of a measuring build.
 
     TORCH_MLA_TIMELINE=1 python3 setup.py build_ext --inplace
-    python3 tools/timeline.py [--json PATH]
+    python3 tools/lab/timeline.py [--json PATH]
 
 The measuring build (csrc/sm90/decode/timeline.cuh) has one thread of each role write clock64()
 at fixed points of every page, for the CTAs of the first 4 query tiles x 8 stretches. For each
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run from anywhere
 
 import torch_mla
 from torch_mla.bench import make_inputs
