@@ -97,3 +97,30 @@ def test_without_a_gpu_the_sweep_says_so_and_exits_2(capsys, monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     assert bench.main(["--quick"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_markdown_table_has_a_line_per_row_and_the_summary(tmp_path, capsys):
+    import json
+
+    rows = [synthetic_row(128, 1, 128, 100.0, 200.0), synthetic_row(1, 1, 16, 10.0)]
+    run = {"device": "GPU X", "date": "2026-12-01 10:00 UTC", "commit": "abc1234", "torch": "2.11", "ceilings": CEILINGS,
+           "rows": rows}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    assert bench.main(["--table", str(path)]) == 0
+    text = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("| 128") or line.startswith("| 1 ")]
+    assert len(table) == 2
+    assert "| 200.0 | 100.0 | 2.00 |" in table[0]
+    assert table[1].count("| - ") == 5  # no baseline on that row: its five FlashMLA cells are dashes
+    assert "GPU X, 2026-12-01 10:00 UTC, torch-mla abc1234" in text
+    assert "| compute-bound (b=128, h_q*s_q >= 128) | 1 | 2.000 (2.00-2.00)" in text
+
+
+def test_table_of_a_file_that_is_not_a_run_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--table", str(path)])
+    assert e.value.code == 2
+    assert "not a benchmark JSON" in capsys.readouterr().err

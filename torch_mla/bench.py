@@ -232,6 +232,34 @@ def format_summary(summary: dict) -> list[str]:
     return lines
 
 
+def markdown_table(run: dict) -> str:
+    """A run's JSON (``--json``) as the markdown table docs/benchmarks.md shows, summary included."""
+    c = run["ceilings"]
+    lines = [f"{run['device']}, {run['date']}, torch-mla {run['commit']}, torch {run['torch']}; ceilings in this run: "
+             f"copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s.", "",
+             "| b | s_q | seqlen | h_q | lengths | dtype | FlashMLA µs | torch-mla µs | ratio | FlashMLA graph µs "
+             "| torch-mla graph µs | graph ratio | FlashMLA % mm / % copy | torch-mla % mm / % copy |",
+             "|" + "---|" * 14]
+    dash = "-"
+    for r in run["rows"]:
+        ours, base = r["torch_mla"], r.get("flashmla")
+        frac = lambda k: f"{100 * k['frac_matmul']:.0f} / {100 * k['frac_copy']:.0f}"
+        lines.append("| " + " | ".join([
+            str(r["b"]), str(r["s_q"]), str(r["seqlen"]), str(r["h_q"]), "varlen" if r["varlen"] else "fixed",
+            r["dtype"].replace("bfloat16", "bf16").replace("float16", "fp16"),
+            f"{base['us']:.1f}" if base else dash, f"{ours['us']:.1f}", f"{r['ratio']:.2f}" if base else dash,
+            f"{base['graph_us']:.1f}" if base else dash, f"{ours['graph_us']:.1f}",
+            f"{r['graph_ratio']:.2f}" if base else dash, frac(base) if base else dash, frac(ours)]) + " |")
+    summary = run.get("summary") or summarize(run["rows"])
+    if summary:
+        lines += ["", "| rows | count | ratio: geomean (min-max) | graph ratio: geomean (min-max) |", "|---|---|---|---|"]
+        for cls, s in summary.items():
+            r, g = s["ratio"], s["graph_ratio"]
+            lines.append(f"| {cls} | {s['rows']} | {r['geomean']:.3f} ({r['min']:.2f}-{r['max']:.2f}) | "
+                         f"{g['geomean']:.3f} ({g['min']:.2f}-{g['max']:.2f}) |")
+    return "\n".join(lines)
+
+
 # b=1/8/32/64 at h_q 16 and 128, as (b, s_q, h_q, seqlen, varlen).
 SMALL_BATCH_ROWS = [(1, 1, 16, 4096, False), (1, 1, 128, 32768, False), (8, 1, 16, 8192, False),
                     (8, 1, 128, 8192, False), (32, 1, 16, 4096, False), (32, 1, 128, 4096, False),
@@ -294,7 +322,7 @@ def run_kernel_sweep(args) -> int:
         print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "torch": torch.__version__, "commit": _commit(),
+            json.dump({"device": device, "torch": torch.__version__, "commit": args.commit or _commit(),
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
                        "baseline": flash_mla.__file__ if flash_mla else None, "ceilings": ceilings,
                        "summary": summary, "rows": results}, f, indent=1)
@@ -314,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time FlashMLA on the same inputs: auto (when flash_mla is importable, the default), "
                              "flashmla (required), none")
     parser.add_argument("--json", help="write the rows, the ceilings and the summary as JSON here")
+    parser.add_argument("--commit", help="the commit to record in the JSON (default: git rev-parse of this checkout)")
+    parser.add_argument("--table", metavar="JSON", help="print an earlier run's JSON as a markdown table (no GPU)")
     return parser
 
 
@@ -321,6 +351,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick and args.small:
         build_parser().error("--quick and --small pick different rows: give one")
+    if args.table:
+        try:
+            with open(args.table) as f:
+                run = json.load(f)
+            print(markdown_table(run))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            build_parser().error(f"--table {args.table}: not a benchmark JSON ({type(e).__name__}: {e})")
+        return 0
     return run_kernel_sweep(args)
 
 
