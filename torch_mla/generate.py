@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import BLOCK_SIZE, PagedKVCache, slot_mapping
-from .models.deepseek import PRESETS, Transformer, describe, load_checkpoint, load_tokenizer
+from .models.checkpoint import load_checkpoint, load_tokenizer
+from .models.deepseek import PRESETS, Transformer, describe
 
 BACKENDS = ("inductor", "eager")  # torch.compile backends of the decode step (see the module docstring)
 
