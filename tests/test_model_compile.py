@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from torch_mla.cache import PagedKVCache
-from torch_mla.generate import CudaGraphStep, Generator, decode_step, prefill
+from torch_mla.engine import CudaGraphStep, Generator, decode_step, prefill
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 PROMPTS = [[int(t) for t in torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n))]

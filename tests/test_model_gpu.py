@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_mla
-from torch_mla.generate import Generator
+from torch_mla.engine import Generator
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 OUT_REL = 1e-2  # ||out - ref|| / ||ref|| per sequence: two bf16 roundings (P, out)

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from torch_mla.cache import PagedKVCache  # noqa: E402
-from torch_mla.generate import Generator, decode_step  # noqa: E402
+from torch_mla.engine import Generator, decode_step  # noqa: E402
 from torch_mla.models.checkpoint import load_checkpoint, load_tokenizer  # noqa: E402
 from torch_mla.models.deepseek import rope_tables  # noqa: E402
 

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from oracle import naive_decode
 from torch_mla import reference
-from torch_mla.generate import Generator
+from torch_mla.engine import Generator
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 BLOCK = 64

@@ -199,5 +199,76 @@ def main(argv=None):
         sys.exit(f"{len(bad)} shapes failed the reference check")
 
 
+# ------------------------------------------------------------------------------------------------
+# The decoder: python -m torch_mla.bench decoder [options of python -m torch_mla.generate]
+# ------------------------------------------------------------------------------------------------
+
+
+def decoder_modes(device: torch.device) -> list[tuple[bool, bool, str]]:
+    """(compile, cuda_graphs, backend) of each decoder mode timed: eager and compiled; on CUDA also
+    compiled + CUDA graphs with each backend."""
+    modes = [(False, False, "inductor"), (True, False, "inductor")]
+    if device.type == "cuda":
+        modes += [(True, True, "inductor"), (True, True, "eager")]
+    return modes
+
+
+def bench_decoder(argv: list[str]) -> int:
+    """Each mode: a warm-up generation (it compiles and captures; its first step is the compile
+    time), then a timed greedy one on the same prompts; a table of the figures, and how many rows
+    gave eager's tokens."""
+    from torch._dynamo.utils import counters
+
+    from .engine import Generator
+    from .generate import add_model_options, build_model, figures, resolve
+
+    ap = argparse.ArgumentParser(prog="python -m torch_mla.bench decoder", description=bench_decoder.__doc__)
+    add_model_options(ap)
+    opts = ap.parse_args(argv)
+    plan = resolve(ap, opts)
+    model = build_model(plan)
+    name = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
+    print(f"decoder: {plan.weights}; {name}, {str(plan.dtype).removeprefix('torch.')}, "
+          f"kernel {'CUDA' if plan.device.type == 'cuda' and torch_mla.has_cuda_kernel() else 'reference'}", flush=True)
+    rows, eager_tokens = [], None
+    for compile_, graphs, backend in decoder_modes(plan.device):
+        torch._dynamo.reset()
+        counters.clear()
+        gen = Generator(model, len(plan.prompts), plan.max_seq_len, compile=compile_, cuda_graphs=graphs,
+                        prefill_chunk=opts.prefill_chunk, backend=backend)
+        print(f"[{gen.mode}] warm-up{' (compiling)' if compile_ else ''} ...", file=sys.stderr, flush=True)
+        warm = gen.generate(plan.prompts, min(opts.max_new_tokens, 4), eos_id=plan.eos_id)
+        r = gen.generate(plan.prompts, opts.max_new_tokens, eos_id=plan.eos_id)
+        if graphs and counters["inductor"]["cudagraph_skips"]:
+            print(f"warning: [{gen.mode}] the step did not run as a CUDA graph (see TORCH_LOGS=perf_hints)")
+        eager_tokens = eager_tokens or r.tokens
+        row = {"mode": gen.mode, **figures(r), "compile_s": warm.compile_s,
+               "rows_with_eager_tokens": sum(a == b for a, b in zip(r.tokens, eager_tokens))}
+        rows.append(row)
+        del gen
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    print("\n| mode | TTFT ms | prefill tokens/s | ms/step | decode tokens/s | compile s | peak MiB "
+          "| rows with eager's tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        peak = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2 ** 20
+        print(f"| {row['mode']} | {row['ttft_ms']:.1f} | {row['prefill_tokens_per_s']:.0f} "
+              f"| {fmt(row['decode_ms_per_step'], '.2f')} | {fmt(row['decode_tokens_per_s'], '.1f')} "
+              f"| {fmt(row['compile_s'], '.1f')} | {fmt(peak, '.0f')} "
+              f"| {row['rows_with_eager_tokens']}/{len(eager_tokens)} |")
+    print(f"(batch {len(plan.prompts)}, longest prompt {max(map(len, plan.prompts))} tokens, {opts.max_new_tokens} new "
+          "tokens, greedy; peak memory on the CPU is the process's, so it only grows from row to row; with inductor "
+          "in bf16 a row may leave eager's tokens after a near tie of its top two logits)")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"device": name, "weights": plan.weights, "dtype": str(plan.dtype).removeprefix("torch."),
+                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "batch_size": len(plan.prompts), "max_new_tokens": opts.max_new_tokens, "rows": rows},
+                      f, indent=1)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["decoder"]:
+        sys.exit(bench_decoder(sys.argv[2:]))
     main()

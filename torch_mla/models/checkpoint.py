@@ -178,7 +178,8 @@ _DIRECT = {  # Hugging Face name (after "model.layers.N.") -> ours (after "layer
     "mlp.shared_experts.up_proj.weight": "ffn.shared.w3.weight",
     "mlp.shared_experts.down_proj.weight": "ffn.shared.w2.weight",
 }
-_TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
+_TOP = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+        "lm_head.weight": "head.weight"}
 _EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _PER_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 _FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # transformers' fused layout
@@ -213,7 +214,8 @@ def _plan(names: list[str], args: ModelArgs, config: dict) -> list[str]:
                 continue  # a multi-token-prediction layer: generation does not use it
             raise CheckpointError(f"tensor {name}: layer {layer} is beyond num_hidden_layers={args.n_layers} "
                                   f"(+ num_nextn_predict_layers={mtp})")
-        if rest in _DIRECT or rest == "self_attn.kv_b_proj.weight" or rest in _FUSED_EXPERTS or _PER_EXPERT.fullmatch(rest):
+        if rest in _DIRECT or rest in _FUSED_EXPERTS or rest == "self_attn.kv_b_proj.weight" \
+                or _PER_EXPERT.fullmatch(rest):
             wanted.append(name)
         else:
             raise CheckpointError(f"tensor {name} has no place in a DeepSeek-V2/V3 model")
@@ -304,8 +306,8 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: torch.
             put(name, prefix + "attn.w_uv", kv_b[:, a.qk_nope_head_dim:])
         elif rest == "mlp.experts.gate_up_proj":  # fused [E, 2 * moe_inter_dim, dim]
             if tensor.dim() != 3 or tensor.shape[1] != 2 * a.moe_inter_dim:
-                raise CheckpointError(f"tensor {name}: shape {tuple(tensor.shape)} in the checkpoint, expected "
-                                      f"[n_routed_experts, 2 * moe_intermediate_size={2 * a.moe_inter_dim}, hidden_size]")
+                raise CheckpointError(f"tensor {name}: shape {tuple(tensor.shape)} in the checkpoint, expected [n_routed_"
+                                      f"experts, 2 * moe_intermediate_size={2 * a.moe_inter_dim}, hidden_size]")
             put(name, prefix + "ffn.w1", tensor[:, : a.moe_inter_dim])
             put(name, prefix + "ffn.w3", tensor[:, a.moe_inter_dim:])
         elif rest == "mlp.experts.down_proj":  # fused [E, dim, moe_inter_dim]
