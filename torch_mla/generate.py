@@ -194,7 +194,8 @@ def resolve(ap: argparse.ArgumentParser, opts: argparse.Namespace) -> Plan:
         prompts = torch.randint(0, vocab, (opts.batch_size or 4, opts.prompt_len or 32), generator=g).tolist()
     bad = sorted({t for p in prompts for t in p if t >= vocab})
     if bad:
-        ap.error(f"--prompt-ids: token ids must be below the vocabulary size {vocab}, got {bad[:5]}")
+        option = "--prompt (its tokenizer)" if opts.prompt else "--prompt-ids"
+        ap.error(f"{option}: token ids must be below the model's vocabulary size {vocab}, got {bad[:5]}")
     eos_id = opts.eos_id
     if eos_id is None and tokenizer is not None:
         eos_id = tokenizer.eos_token_id
