@@ -100,6 +100,8 @@ def test_backend_and_cuda_graph_options_are_checked():
         Generator(tiny_model(), 1, 64, backend="tvm")
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA model"):
         Generator(tiny_model(), 1, 64, compile=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="it needs compile=True"):
+        Generator(tiny_model(), 1, 64, compile=False, cuda_graphs=True)
 
 
 @pytest.mark.gpu

@@ -242,6 +242,8 @@ class Generator:
         self.cache = PagedKVCache(model.args.n_layers, num_blocks, max_batch_size, max_seq_len,
                                   dtype=self.dtype, device=self.device)
         self.prefill_chunk = prefill_chunk
+        if cuda_graphs and not compile:
+            raise ValueError("cuda_graphs replays the compiled step: it needs compile=True")
         self.compiled = compile
         self.cuda_graphs = bool(compile and (self.device.type == "cuda" if cuda_graphs is None else cuda_graphs))
         if self.cuda_graphs and self.device.type != "cuda":
