@@ -1,8 +1,10 @@
 """The generation loop: batch rows are independent (ragged prompts share the paged cache without
 leaking into each other), sampling is seeded, EOS stops a row, a full cache is a clear error that
-leaves the cache usable, and ``python -m torch_mla.generate`` runs (random model, and a
-checkpoint folder with a tokenizer)."""
+leaves the cache usable, the figures count what was generated, and ``python -m torch_mla.generate``
+and ``python -m torch_mla.bench decoder`` run (random model, and a checkpoint folder with a
+tokenizer)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from torch_mla.cache import CacheFullError
-from torch_mla.generate import Generator, sample
+from torch_mla.engine import Generator, sample
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,27 +74,52 @@ def test_full_cache_is_a_clear_error_and_the_cache_stays_usable(model):
     assert gen.generate(PROMPTS[1:], 10).tokens == eager(model).generate(PROMPTS[1:], 10).tokens
 
 
-def run_cli(*args, timeout=300):
+def run(module, *args, timeout=300):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch_mla.generate", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
-def test_cli_generates_and_reports_speed():
+def run_cli(*args, timeout=300):
+    return run("torch_mla.generate", *args, timeout=timeout)
+
+
+def test_cli_says_what_ran_and_reports_the_figures(tmp_path):
     out = run_cli("--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--prompt-len", "8",
-                  "--max-new-tokens", "5", "--no-compile")
-    assert "[0] prompt (8 tokens) -> 5 new tokens" in out and "[1] prompt" in out
-    assert "[eager]" in out and "tokens/s" in out and "prefill" in out
+                  "--max-new-tokens", "5", "--json", str(tmp_path / "run.json"))
+    assert "preset tiny with seeded random weights" in out
+    assert "running: cpu, float32, decode step eager, mla.decode by the pure-PyTorch reference" in out
+    assert "[0] 8 prompt tokens -> 5 new tokens" in out and "[1] 8 prompt tokens" in out
+    assert "time to first token:" in out and "ms per step of batch 2" in out and "peak memory:" in out
+    assert "compile:" not in out  # eager: nothing compiled
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["decode_tokens"] == 2 * 4 and record["decode_steps"] == 4  # the 4 decode steps of 2 rows
+    assert record["decode_step"] == "eager" and len(record["tokens"]) == 2
+    assert all(record[k] > 0 for k in ("ttft_ms", "prefill_tokens_per_s", "decode_ms_per_step", "decode_tokens_per_s"))
 
 
-def test_cli_bench_times_eager_and_compiled_with_the_same_tokens():
+def test_tokens_per_s_counts_only_tokens_generated_before_eos(model):
+    free = eager(model).generate(PROMPTS, 12).tokens
+    eos = free[0][2]  # row 0 stops after its third token
+    result = eager(model).generate(PROMPTS, 12, eos_id=eos)
+    assert result.decode_tokens == sum(len(row) - 1 for row in result.tokens)  # the first token is prefill's
+    assert result.decode_tokens < result.decode_steps * len(PROMPTS)
+
+
+def test_one_new_token_reports_no_decode_figures(model):
+    result = eager(model).generate(PROMPTS, 1)
+    assert result.decode_steps == 0 and result.ms_per_step is None and result.tokens_per_s is None
+
+
+def test_bench_decoder_mode_times_eager_and_compiled_with_the_same_tokens():
     # batch 4 and 60 + 12 tokens (2 blocks a row): the shapes of test_model_compile's graph
-    out = run_cli("--preset", "tiny", "--device", "cpu", "--batch-size", "4", "--prompt-len", "60",
-                  "--max-new-tokens", "12", "--bench")
+    out = run("torch_mla.bench", "decoder", "--preset", "tiny", "--device", "cpu", "--batch-size", "4",
+              "--prompt-len", "60", "--max-new-tokens", "12")
     assert "| eager |" in out
-    assert "| compiled |" in out and out.split("| compiled |")[1].split("\n")[0].strip().endswith("| 4/4 |")
+    assert "| compiled (inductor) |" in out
+    assert out.split("| compiled (inductor) |")[1].split("\n")[0].strip().endswith("| 4/4 |")
 
 
 def test_cli_loads_a_checkpoint_with_its_tokenizer(tmp_path):
@@ -110,7 +137,7 @@ def test_cli_loads_a_checkpoint_with_its_tokenizer(tmp_path):
     fast.save_pretrained(tmp_path)
     out = run_cli("--checkpoint", str(tmp_path), "--prompt", "w1 w2 w3 w4", "--prompt", "w9",
                   "--max-new-tokens", "4", "--no-compile")
-    assert "[0] prompt (4 tokens)" in out and "[1] prompt (1 tokens)" in out
+    assert "checkpoint " in out and "[0] 4 prompt tokens" in out and "[1] 1 prompt tokens" in out
     assert "'w" in out  # decoded text
 
 
@@ -118,8 +145,3 @@ def test_progress_falls_back_to_plain_lines_without_tqdm(model, monkeypatch, cap
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
     eager(model).generate(PROMPTS, 11, progress=True)
     assert "decode 10/10" in capsys.readouterr().err
-
-
-def test_cli_reads_text_as_bytes_without_a_tokenizer():
-    out = run_cli("--preset", "tiny", "--device", "cpu", "--prompt", "héllo", "--max-new-tokens", "2", "--no-compile")
-    assert "[0] prompt (6 tokens) -> 2 new tokens" in out

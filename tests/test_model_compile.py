@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from torch_mla.cache import PagedKVCache
-from torch_mla.generate import CudaGraphStep, Generator, decode_step, prefill
+from torch_mla.engine import CudaGraphStep, Generator, decode_step, prefill
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 PROMPTS = [[int(t) for t in torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n))]
@@ -100,6 +100,8 @@ def test_backend_and_cuda_graph_options_are_checked():
         Generator(tiny_model(), 1, 64, backend="tvm")
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA model"):
         Generator(tiny_model(), 1, 64, compile=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="it needs compile=True"):
+        Generator(tiny_model(), 1, 64, compile=False, cuda_graphs=True)
 
 
 @pytest.mark.gpu

@@ -7,16 +7,20 @@ the CUDA-graph tokens with eager tokens cannot find a kernel error here, because
 kernel; so each ``mla.decode`` call is intercepted (a TorchDispatchMode, eager generation) and
 checked against ``torch_mla.reference.decode`` in float32 on that call's inputs, and each
 ``mla.write_cache`` call against the rows it had to write. Tolerances as in test_cuda_decode.py.
+Then the command line and the bench's decoder mode run on CUDA as their defaults say.
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_mla
-from torch_mla.generate import Generator
+from torch_mla.engine import Generator
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 OUT_REL = 1e-2  # ||out - ref|| / ||ref|| per sequence: two bf16 roundings (P, out)
@@ -93,3 +97,31 @@ def test_every_kernel_call_of_the_decoder_matches_the_reference(chunk):
     longest = max(s_q for _, s_q, _, _ in mode.decode_calls)
     assert longest == (333 if chunk == 512 else 64)  # the long causal prefill calls did run
     assert (6, 1, 16, False) in mode.decode_calls  # decode steps with the idle row
+
+
+def run_module(module: str, *args: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+                          cwd=root, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.gpu
+def test_the_cli_on_cuda_compiles_with_cuda_graphs_and_reports_the_allocator_peak():
+    out = run_module("torch_mla.generate", "--device", "cuda", "--preset", "tiny", "--max-new-tokens", "8")
+    kernel = "the CUDA kernel" if torch_mla.has_cuda_kernel() else "the pure-PyTorch reference"
+    assert f"running: cuda, bfloat16, decode step compiled (inductor) + CUDA graphs, mla.decode by {kernel}" in out
+    assert "compile:" in out and "CUDA allocator peak" in out and "tokens/s" in out
+
+
+@pytest.mark.gpu
+def test_bench_decoder_mode_on_cuda_runs_every_mode_and_the_eager_backend_keeps_eager_tokens():
+    out = run_module("torch_mla.bench", "decoder", "--device", "cuda", "--preset", "tiny", "--batch-size", "4",
+                     "--prompt-len", "60", "--max-new-tokens", "12")
+    modes = ("eager", "compiled (inductor)", "compiled (inductor) + CUDA graphs", "compiled (eager) + CUDA graphs")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert all(m in rows for m in modes), out
+    assert rows["compiled (eager) + CUDA graphs"].rstrip().endswith("| 4/4 |")
+    assert "did not run as a CUDA graph" not in out

@@ -17,8 +17,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from torch_mla.cache import PagedKVCache  # noqa: E402
-from torch_mla.generate import Generator, decode_step  # noqa: E402
-from torch_mla.models.deepseek import load_checkpoint, load_tokenizer, rope_tables  # noqa: E402
+from torch_mla.engine import Generator, decode_step  # noqa: E402
+from torch_mla.models.checkpoint import load_checkpoint, load_tokenizer  # noqa: E402
+from torch_mla.models.deepseek import rope_tables  # noqa: E402
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0, "rope_theta": 10000.0}

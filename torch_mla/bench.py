@@ -1,4 +1,5 @@
-"""Kernel benchmark: ``python -m torch_mla.bench [--quick|--small] [--baseline ...] [--json PATH]``.
+"""Benchmarks: ``python -m torch_mla.bench [--quick|--small] [--baseline ...] [--json PATH]`` times the
+decode kernel; ``python -m torch_mla.bench decoder [options]`` times the reference decoder's modes.
 
 Follows the protocol of docs/benchmarks.md: measures the device's ceilings (device-to-device copy
 bandwidth, bf16 8192^3 matrix rate) in the same run, then for each shape builds random inputs
@@ -334,7 +335,9 @@ def run_kernel_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m torch_mla.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_mla.bench", description="Time the decode kernel (and FlashMLA, when importable).",
+        epilog="python -m torch_mla.bench decoder --help: the reference decoder's eager / compiled / CUDA-graph modes")
     parser.add_argument("--quick", action="store_true", help="a few representative shapes")
     parser.add_argument("--small", action="store_true", help="only the small-batch rows")
     parser.add_argument("--dtype", type=_dtype_list, default=["bf16"], help="bf16, fp16 or both: bf16,fp16")
@@ -348,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["decoder"]:
+        return bench_decoder(argv[1:])
     args = build_parser().parse_args(argv)
     if args.quick and args.small:
         build_parser().error("--quick and --small pick different rows: give one")
@@ -360,6 +366,75 @@ def main(argv=None) -> int:
             build_parser().error(f"--table {args.table}: not a benchmark JSON ({type(e).__name__}: {e})")
         return 0
     return run_kernel_sweep(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# The decoder: python -m torch_mla.bench decoder [options of python -m torch_mla.generate]
+# ------------------------------------------------------------------------------------------------
+
+
+def decoder_modes(device: torch.device) -> list[tuple[bool, bool, str]]:
+    """(compile, cuda_graphs, backend) of each decoder mode timed: eager and compiled; on CUDA also
+    compiled + CUDA graphs with each backend."""
+    modes = [(False, False, "inductor"), (True, False, "inductor")]
+    if device.type == "cuda":
+        modes += [(True, True, "inductor"), (True, True, "eager")]
+    return modes
+
+
+def bench_decoder(argv: list[str]) -> int:
+    """Each mode: a warm-up generation (it compiles and captures; its first step is the compile
+    time), then a timed greedy one on the same prompts; a table of the figures, and how many rows
+    gave eager's tokens."""
+    from torch._dynamo.utils import counters
+
+    from .engine import Generator
+    from .generate import add_model_options, build_model, figures, resolve
+
+    ap = argparse.ArgumentParser(prog="python -m torch_mla.bench decoder", description=bench_decoder.__doc__)
+    add_model_options(ap)
+    opts = ap.parse_args(argv)
+    plan = resolve(ap, opts)
+    model = build_model(plan)
+    name = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
+    print(f"decoder: {plan.weights}; {name}, {str(plan.dtype).removeprefix('torch.')}, "
+          f"kernel {'CUDA' if plan.device.type == 'cuda' and torch_mla.has_cuda_kernel() else 'reference'}", flush=True)
+    rows, eager_tokens = [], None
+    for compile_, graphs, backend in decoder_modes(plan.device):
+        torch._dynamo.reset()
+        counters.clear()
+        gen = Generator(model, len(plan.prompts), plan.max_seq_len, compile=compile_, cuda_graphs=graphs,
+                        prefill_chunk=opts.prefill_chunk, backend=backend)
+        print(f"[{gen.mode}] warm-up{' (compiling)' if compile_ else ''} ...", file=sys.stderr, flush=True)
+        warm = gen.generate(plan.prompts, min(opts.max_new_tokens, 4), eos_id=plan.eos_id)
+        r = gen.generate(plan.prompts, opts.max_new_tokens, eos_id=plan.eos_id)
+        if graphs and counters["inductor"]["cudagraph_skips"]:
+            print(f"warning: [{gen.mode}] the step did not run as a CUDA graph (see TORCH_LOGS=perf_hints)")
+        eager_tokens = eager_tokens or r.tokens
+        row = {"mode": gen.mode, **figures(r), "compile_s": warm.compile_s,
+               "rows_with_eager_tokens": sum(a == b for a, b in zip(r.tokens, eager_tokens))}
+        rows.append(row)
+        del gen
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    print("\n| mode | TTFT ms | prefill tokens/s | ms/step | decode tokens/s | compile s | peak MiB "
+          "| rows with eager's tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        peak = None if row["peak_memory_bytes"] is None else row["peak_memory_bytes"] / 2 ** 20
+        print(f"| {row['mode']} | {row['ttft_ms']:.1f} | {row['prefill_tokens_per_s']:.0f} "
+              f"| {fmt(row['decode_ms_per_step'], '.2f')} | {fmt(row['decode_tokens_per_s'], '.1f')} "
+              f"| {fmt(row['compile_s'], '.1f')} | {fmt(peak, '.0f')} "
+              f"| {row['rows_with_eager_tokens']}/{len(eager_tokens)} |")
+    print(f"(batch {len(plan.prompts)}, longest prompt {max(map(len, plan.prompts))} tokens, {opts.max_new_tokens} new "
+          "tokens, greedy; peak memory on the CPU is the process's, so it only grows from row to row; with inductor "
+          "in bf16 a row may leave eager's tokens after a near tie of its top two logits)")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"device": name, "weights": plan.weights, "dtype": str(plan.dtype).removeprefix("torch."),
+                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "batch_size": len(plan.prompts), "max_new_tokens": opts.max_new_tokens, "rows": rows},
+                      f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":

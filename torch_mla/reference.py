@@ -10,15 +10,29 @@ from __future__ import annotations
 import torch
 
 
+def _used_columns(block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int) -> int:
+    """Block-table columns the longest sequence reaches, so that the cost follows the lengths, not
+    the table's width. That needs the lengths on the host: read them only where it is free (CPU
+    tensors, not tracing); on CUDA and under torch.compile the whole width, with no sync."""
+    width = block_table.shape[1]
+    if cache_seqlens.device.type != "cpu" or torch.compiler.is_compiling() or cache_seqlens.numel() == 0:
+        return width
+    return min(width, -(-int(cache_seqlens.max()) // block_size))
+
+
 def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor):
     """Gather each sequence's pages into ``[batch, max_len, d]`` float32, zero past its length.
+
+    ``max_len`` is the longest sequence rounded up to whole blocks on the CPU (the table's whole
+    width on CUDA and under tracing).
 
     Block ids past a sequence's length are never dereferenced (they are replaced by block 0), and
     rows past the length are zeroed, so whatever unused pages or slots hold (NaN included) cannot
     reach the result.
     """
-    batch, max_blocks = block_table.shape
     block_size = kv_cache.shape[1]
+    block_table = block_table[:, : _used_columns(block_table, cache_seqlens, block_size)]
+    batch, max_blocks = block_table.shape
     seqlens = cache_seqlens.long()
     used_blocks = (seqlens + block_size - 1) // block_size
     block_used = torch.arange(max_blocks, device=block_table.device) < used_blocks[:, None]

@@ -20,9 +20,7 @@ for the small models this file is for; a large model wants a grouped-GEMM dispat
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +29,7 @@ from torch import nn
 
 import torch_mla  # noqa: F401  defines torch.ops.mla.*
 
-__all__ = ["ModelArgs", "PRESETS", "Transformer", "load_checkpoint", "args_from_hf_config"]
+__all__ = ["ModelArgs", "PRESETS", "Transformer", "describe"]
 
 
 @dataclass
@@ -394,203 +392,6 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.head(self.norm(x)).float()
-
-
-# ------------------------------------------------------------------------------------------------
-# Hugging Face checkpoints (DeepSeek-V2 / V3 folders: config.json + *.safetensors)
-# ------------------------------------------------------------------------------------------------
-
-
-def args_from_hf_config(config: dict, max_seq_len: int | None = None) -> ModelArgs:
-    """ModelArgs from a Hugging Face ``config.json`` of ``deepseek_v2`` or ``deepseek_v3``."""
-    model_type = config.get("model_type", "deepseek_v3")
-    if model_type not in ("deepseek_v2", "deepseek_v3"):
-        raise ValueError(f"expected a deepseek_v2 or deepseek_v3 config, got model_type {model_type!r}")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ValueError("checkpoints with attention or MLP biases are not supported")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act must be silu, got {config.get('hidden_act')!r}")
-    v3 = model_type == "deepseek_v3"
-    # transformers >= 5 writes rope_parameters; older configs (and DeepSeek's own) rope_scaling + rope_theta
-    rope = dict(config.get("rope_scaling") or {})
-    rope.update(config.get("rope_parameters") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "yarn"):
-        raise ValueError(f"rope type {rope_type!r} is not supported (default or yarn)")
-    max_pos = config.get("max_position_embeddings", 4096)
-    yarn = rope_type == "yarn"
-    factor = rope.get("factor") if yarn else 1.0
-    if yarn and factor is None:
-        factor = max_pos / rope["original_max_position_embeddings"]
-    if v3:
-        groups, limited = config.get("n_group") or 1, config.get("topk_group") or 1
-    elif config.get("topk_method", "greedy") == "group_limited_greedy":
-        groups, limited = config["n_group"], config["topk_group"]
-    else:
-        groups, limited = 1, 1
-    n_routed = config.get("n_routed_experts") or 0
-    return ModelArgs(
-        vocab_size=config["vocab_size"],
-        dim=config["hidden_size"],
-        inter_dim=config["intermediate_size"],
-        moe_inter_dim=config.get("moe_intermediate_size", 1),
-        n_layers=config["num_hidden_layers"],
-        n_dense_layers=config.get("first_k_dense_replace", 0) if n_routed else config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_routed_experts=max(n_routed, 1),
-        n_shared_experts=config.get("n_shared_experts") or 0,
-        n_activated_experts=config.get("num_experts_per_tok") or 1,
-        n_expert_groups=groups,
-        n_limited_groups=limited,
-        score_func="sigmoid" if v3 else "softmax",
-        route_scale=config.get("routed_scaling_factor", 1.0),
-        norm_topk_prob=bool(config.get("norm_topk_prob", True)) if v3 else False,
-        q_lora_rank=config.get("q_lora_rank") or 0,
-        kv_lora_rank=config["kv_lora_rank"],
-        qk_nope_head_dim=config["qk_nope_head_dim"],
-        qk_rope_head_dim=config["qk_rope_head_dim"],
-        v_head_dim=config["v_head_dim"],
-        max_seq_len=max_seq_len or max_pos,
-        rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-        rope_interleave=bool(config.get("rope_interleave", True)) if v3 else True,
-        rope_factor=factor,
-        original_seq_len=rope.get("original_max_position_embeddings", max_pos),
-        beta_fast=rope.get("beta_fast") or 32.0,
-        beta_slow=rope.get("beta_slow") or 1.0,
-        mscale=rope.get("mscale") or 0.0 if yarn else 1.0,
-        mscale_all_dim=rope.get("mscale_all_dim") or 0.0 if yarn else 0.0,
-        norm_eps=config.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-    )
-
-
-_DIRECT = {  # Hugging Face name (after "model.layers.N.") -> ours (after "layers.N.")
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn.wq.weight",
-    "self_attn.q_a_proj.weight": "attn.wq_a.weight",
-    "self_attn.q_a_layernorm.weight": "attn.q_norm.weight",
-    "self_attn.q_b_proj.weight": "attn.wq_b.weight",
-    "self_attn.kv_a_proj_with_mqa.weight": "attn.wkv_a.weight",
-    "self_attn.kv_a_layernorm.weight": "attn.kv_norm.weight",
-    "self_attn.o_proj.weight": "attn.wo.weight",
-    "mlp.gate_proj.weight": "ffn.w1.weight",
-    "mlp.up_proj.weight": "ffn.w3.weight",
-    "mlp.down_proj.weight": "ffn.w2.weight",
-    "mlp.gate.weight": "ffn.gate.weight",
-    "mlp.gate.e_score_correction_bias": "ffn.gate.bias",
-    "mlp.shared_experts.gate_proj.weight": "ffn.shared.w1.weight",
-    "mlp.shared_experts.up_proj.weight": "ffn.shared.w3.weight",
-    "mlp.shared_experts.down_proj.weight": "ffn.shared.w2.weight",
-}
-_EXPERT = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-
-
-def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Block-wise fp8 weights (DeepSeek-V3's release format): each block times its ``weight_scale_inv``."""
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return weight.float() * scale
-
-
-def _hf_tensors(path: str, fp8_block: tuple[int, int]):
-    """Yield ``(name, tensor)`` of every safetensors shard in the folder, fp8 weights dequantized."""
-    from safetensors import safe_open
-
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    handles = [safe_open(os.path.join(path, f), framework="pt") for f in files]
-    where = {name: h for h in handles for name in h.keys()}
-    for name, h in where.items():
-        if name.endswith("_scale_inv"):
-            continue
-        tensor = h.get_tensor(name)
-        scale_name = name + "_scale_inv"
-        if scale_name in where:
-            tensor = _dequantize_fp8(tensor, where[scale_name].get_tensor(scale_name), fp8_block)
-        yield name, tensor
-
-
-def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    max_seq_len: int | None = None) -> Transformer:
-    """Build a :class:`Transformer` from a Hugging Face DeepSeek-V2/V3 folder.
-
-    Maps the names, splits each ``kv_b_proj`` into ``w_uk`` / ``w_uv`` for absorption, stacks the
-    routed experts, and skips layers past ``num_hidden_layers`` (DeepSeek-V3's multi-token
-    prediction layer). Raises if any parameter of the model is left unset.
-    """
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    args = args_from_hf_config(config, max_seq_len)
-    fp8_block = tuple((config.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
-    with torch.device("meta"):
-        model = Transformer(args).to(dtype)  # cast while on meta: no memory is touched yet
-    model.to_empty(device=device)
-    model.keep_float32_parts()
-    params = dict(model.named_parameters())
-    unset = set(params)
-    a = args
-
-    def put(name: str, value: torch.Tensor, index=None):
-        target = params[name] if index is None else params[name][index]
-        if target.shape != value.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(value)
-        unset.discard(name)
-
-    expert_parts: dict[str, int] = {}
-    for name, tensor in _hf_tensors(path, fp8_block):
-        if name == "model.embed_tokens.weight":
-            put("embed.weight", tensor)
-        elif name == "model.norm.weight":
-            put("norm.weight", tensor)
-        elif name == "lm_head.weight":
-            put("head.weight", tensor)
-        elif name.startswith("model.layers."):
-            layer, rest = name[len("model.layers."):].split(".", 1)
-            if int(layer) >= a.n_layers:
-                continue  # multi-token-prediction layers
-            prefix = f"layers.{layer}."
-            if rest in _DIRECT:
-                put(prefix + _DIRECT[rest], tensor)
-            elif rest == "self_attn.kv_b_proj.weight":
-                kv_b = tensor.view(a.n_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
-                put(prefix + "attn.w_uk", kv_b[:, : a.qk_nope_head_dim])
-                put(prefix + "attn.w_uv", kv_b[:, a.qk_nope_head_dim:])
-            elif rest.startswith("mlp.experts."):
-                parts = rest.split(".")
-                if parts[2] == "gate_up_proj":  # transformers' fused layout [E, 2 * inter, dim]
-                    put(prefix + "ffn.w1", tensor[:, : a.moe_inter_dim])
-                    put(prefix + "ffn.w3", tensor[:, a.moe_inter_dim:])
-                elif parts[2] == "down_proj":  # fused [E, dim, inter]
-                    put(prefix + "ffn.w2", tensor)
-                else:  # per expert: mlp.experts.E.{gate,up,down}_proj.weight
-                    ours = prefix + "ffn." + _EXPERT[parts[3]]
-                    put(ours, tensor, int(parts[2]))
-                    expert_parts[ours] = expert_parts.get(ours, 0) + 1
-                    if expert_parts[ours] < a.n_routed_experts:
-                        unset.add(ours)  # complete only once every expert is in
-            # anything else (rotary inv_freq, ...) carries no weight we need
-    if "head.weight" in unset and a.tie_word_embeddings:
-        put("head.weight", params["embed.weight"].detach())
-    if unset:
-        raise ValueError(f"checkpoint {path} left parameters unset: {sorted(unset)[:8]}")
-    model.eval()
-    return model
-
-
-def load_tokenizer(path: str):
-    """The folder's tokenizer through ``transformers.AutoTokenizer``, or None when it has none."""
-    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any(os.path.exists(os.path.join(path, n)) for n in names):
-        return None
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        return None
-    return AutoTokenizer.from_pretrained(path)
 
 
 def describe(args: ModelArgs) -> str:
