@@ -8,14 +8,10 @@ the same pure-PyTorch reference (correct, not fast).
 
 from __future__ import annotations
 
-from . import ops, reference
-from .ops import (
-    decode,
-    flash_mla_with_kvcache,
-    get_metadata,
-    get_mla_metadata,
-    write_cache,
-)
+from . import flash_mla, ops, reference
+from .flash_mla import flash_mla_with_kvcache
+from .flash_mla import get_mla_metadata_tensors as get_mla_metadata
+from .ops import decode, get_metadata, write_cache
 
 try:
     from . import _C  # noqa: F401  registers TORCH_LIBRARY_IMPL(mla, CUDA, ...)
@@ -37,6 +33,7 @@ __all__ = [
     "decode",
     "get_metadata",
     "write_cache",
+    "flash_mla",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "has_cuda_kernel",
