@@ -242,3 +242,27 @@ def test_early_interface_compiles_as_one_graph_without_recompiling():
         expected = step(q, kv, bt, lens, sink)
         torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(lse, expected[1])
+
+
+@pytest.mark.gpu
+def test_scheduler_object_and_attn_sink_on_the_gpu_kernel():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert torch_mla.has_cuda_kernel(), torch_mla.cuda_kernel_error()
+    g = torch.Generator().manual_seed(5)
+    q, kv, bt, lens = paged_inputs([3000, 65, 2, 700], s_q=2, h_q=64, device="cuda", generator=g)
+    sink = torch.tensor([math.inf, -math.inf] + [0.5] * 62, device="cuda")
+    md, ns = torch_mla.get_metadata(lens, 2 * 64, 1)
+    expected = torch_mla.decode(q, kv, bt, lens, softmax_scale=0.1, causal=True, tile_scheduler_metadata=md,
+                                num_splits=ns)
+    sched, _ = flash_mla.get_mla_metadata(lens, 2 * 64, 1, is_fp8_kvcache=False)
+    for _ in range(2):  # two layers, one plan
+        assert_same(flash_mla.flash_mla_with_kvcache(q, kv, bt, lens, 512, sched, softmax_scale=0.1, causal=True),
+                    expected)
+    out, lse = flash_mla.flash_mla_with_kvcache(q, kv, bt, lens, 512, sched, softmax_scale=0.1, causal=True,
+                                                attn_sink=sink)
+    assert torch.equal(lse, expected[1])
+    factor = 1.0 / (1.0 + torch.exp(sink.double() - expected[1].double().transpose(1, 2)))
+    ref = expected[0].double() * factor[..., None]
+    assert ((out.double() - ref).abs() <= 2.0 ** -8 * ref.abs() + 1e-30).all()
+    assert (out[:, :, 0] == 0).all() and torch.equal(out[:, :, 1], expected[0][:, :, 1])
