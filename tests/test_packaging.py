@@ -43,7 +43,8 @@ def test_sdist_holds_every_kernel_source_the_tests_and_py_typed(sdist):
         info = email.message_from_bytes(tar.extractfile(f"{top}/PKG-INFO").read())
     kernel = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert kernel and kernel <= names, sorted(kernel - names)
-    assert {"setup.py", "pyproject.toml", "torch_mla/py.typed", "tests/conftest.py", "tests/oracle.py"} <= names
+    assert {"setup.py", "pyproject.toml", "torch_mla/py.typed", "tests/conftest.py", "tests/oracle.py",
+            "tools/gpu_check.sh"} <= names
     assert "torch_mla/_cuda_build_skipped.txt" not in names
     assert info["Version"] == torch_mla.__version__
 
