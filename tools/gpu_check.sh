@@ -16,12 +16,13 @@ if [ "${SKIP_BUILD:-0}" = 0 ]; then
     > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   echo "build: $(( $(date +%s) - t0 )) s"; grep -E "C75[0-9]{2}|registers|spill" "$OUT/build.log" | sort | uniq -c | head
 fi
-python3 -c "import torch_mla, torch; assert torch_mla.has_cuda_kernel(), torch_mla._CUDA_KERNEL_ERROR; print(torch.cuda.get_device_name())" || exit 1
+python3 -c "import torch_mla, torch; assert torch_mla.has_cuda_kernel(), torch_mla.cuda_kernel_error(); print(torch.cuda.get_device_name())" || exit 1
 so=$(ls torch_mla/_C*.so | head -1)
 cuobjdump -sass "$so" 2>/dev/null | grep -oE "HGMMA\.[0-9x]+\.F32\.[A-Z0-9]+|HMMA\.[0-9]+" | sort | uniq -c
 for step in "$@"; do
   case $step in
-    tests) python3 -m pytest -q -x tests/test_cuda_decode.py tests/test_cuda_validation.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    tests) python3 -m pytest -q -x tests/test_cuda_decode.py tests/test_cuda_validation.py tests/test_cuda_graph_pattern.py \
+            tests/test_flash_mla_compat.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     quick) python3 -m torch_mla.bench --quick --json "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" ;;
     bench) python3 -m torch_mla.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
     sanitize)

@@ -33,8 +33,6 @@ __all__ = [
     "decode",
     "get_metadata",
     "write_cache",
-    "flash_mla_with_kvcache",
-    "get_mla_metadata",
     "debug_mode",
 ]
 
@@ -426,28 +424,3 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
     """
     torch.ops.mla.write_cache(kv_c, k_pe, kv_cache, slot_mapping)
 
-
-# FlashMLA-compatible names: switch by changing the import.
-
-
-def get_mla_metadata(cache_seqlens: torch.Tensor, num_heads_per_head_k: int,
-                     num_heads_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashMLA's ``get_mla_metadata``: ``num_heads_per_head_k = s_q * h_q // h_kv``."""
-    return get_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
-
-
-def flash_mla_with_kvcache(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    head_dim_v: int,
-    tile_scheduler_metadata: torch.Tensor | None,
-    num_splits: torch.Tensor | None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashMLA's ``flash_mla_with_kvcache`` arguments and results, over :func:`decode`."""
-    return decode(q, k_cache, block_table, cache_seqlens, softmax_scale=softmax_scale, causal=causal,
-                  head_dim_v=head_dim_v, tile_scheduler_metadata=tile_scheduler_metadata,
-                  num_splits=num_splits)
