@@ -299,7 +299,7 @@ def run_kernel_sweep(args) -> int:
         print("bench: needs a CUDA GPU; none is visible", file=sys.stderr)
         return 2
     if not torch_mla.has_cuda_kernel():
-        print(f"bench: the CUDA kernel is not loaded ({torch_mla._CUDA_KERNEL_ERROR})", file=sys.stderr)
+        print(f"bench: the CUDA kernel is not loaded ({torch_mla.cuda_kernel_error()})", file=sys.stderr)
         return 2
     flash_mla, absent = load_baseline(args.baseline)
     torch.backends.cuda.matmul.allow_tf32 = False

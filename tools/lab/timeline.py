@@ -58,7 +58,7 @@ PHASES = {
 
 def library():
     if not torch.cuda.is_available() or not torch_mla.has_cuda_kernel():
-        sys.exit(f"needs a GPU and the compiled kernel ({torch_mla._CUDA_KERNEL_ERROR})")
+        sys.exit(f"needs a GPU and the compiled kernel ({torch_mla.cuda_kernel_error()})")
     lib = ctypes.CDLL(torch_mla._C.__file__)
     if not hasattr(lib, "mla_timeline_read"):
         sys.exit("torch_mla._C is not a measuring build: rebuild with TORCH_MLA_TIMELINE=1")
