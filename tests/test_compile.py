@@ -4,7 +4,7 @@ sequence lengths change (dynamic shapes), and the eager result."""
 import torch
 
 import torch_mla  # noqa: F401
-from oracle import paged_inputs
+from torch_mla.testing import paged_inputs
 
 
 def decode_step(q, kv_cache, block_table, cache_seqlens, kv_c, k_pe, slot_mapping):

@@ -14,7 +14,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import torch_mla
-from oracle import naive_decode, paged_inputs
+from oracle import naive_decode
+from torch_mla.testing import paged_inputs
 
 pytestmark = pytest.mark.gpu
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import torch_mla  # noqa: F401
-from oracle import paged_inputs
+from torch_mla.testing import paged_inputs
 
 
 def decode_samples():
