@@ -23,7 +23,7 @@ def varlen_seqlens(batch: int, seqlen: int, s_q: int = 1, generator: torch.Gener
 
 def paged_inputs(seqlens, *, s_q: int = 1, h_q: int = 16, block_size: int = PAGE_SIZE, dtype=torch.bfloat16,
                  device="cpu", extra_blocks: int = 3, spare_table_cols: int = 1,
-                 generator: torch.Generator | None = None, poison: float | None = float("nan")):
+                 seed: int = 0, generator: torch.Generator | None = None, poison: float | None = float("nan")):
     """Random ``(q, kv_cache, block_table, cache_seqlens)`` holding ``seqlens`` tokens per sequence.
 
     Shapes: q ``[batch, s_q, h_q, 576]`` and kv_cache ``[num_blocks, block_size, 1, 576]`` in
@@ -32,10 +32,10 @@ def paged_inputs(seqlens, *, s_q: int = 1, h_q: int = 16, block_size: int = PAGE
     ``extra_blocks``; pages come from a random permutation of the pool.
 
     Random numbers come from ``generator`` (made on its own device, then moved to ``device``);
-    without one, a generator on ``device`` seeded with 0 (so a large cache is drawn on the GPU).
+    without one, a generator on ``device`` seeded with ``seed`` (so a large cache is drawn on the GPU).
     ``poison``: the value of every cache row no sequence owns; None leaves them random too.
     """
-    g = generator if generator is not None else torch.Generator(device).manual_seed(0)
+    g = generator if generator is not None else torch.Generator(device).manual_seed(seed)
     gen_device = g.device
     batch = len(seqlens)
     pages = [-(-n // block_size) for n in seqlens]
@@ -74,9 +74,8 @@ def random_inputs(batch: int, s_q: int, h_q: int, seqlen: int, *, varlen: bool =
     cache are drawn on ``device``. Returns what :func:`paged_inputs` returns.
     """
     lens = varlen_seqlens(batch, seqlen, s_q, torch.Generator().manual_seed(seed)) if varlen else [seqlen] * batch
-    g = torch.Generator(device).manual_seed(seed)
     return paged_inputs(lens, s_q=s_q, h_q=h_q, dtype=dtype, device=device, extra_blocks=0, spare_table_cols=0,
-                        generator=g, poison=poison)
+                        seed=seed, poison=poison)
 
 
 def strided_like(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, *, pad: int = 64,
