@@ -39,32 +39,3 @@ def naive_decode(q, kv_cache, block_table, cache_seqlens, softmax_scale=None, ca
             lse[b, :, i] = (m + torch.log(denom)).squeeze(-1)
     return out, lse
 
-
-def paged_inputs(seqlens, *, s_q=1, h_q=16, block_size=64, dtype=torch.bfloat16, device="cpu",
-                 extra_blocks=3, spare_table_cols=1, generator=None, poison=float("nan")):
-    """Random q and a paged cache holding `seqlens` tokens per sequence, pages scattered.
-
-    Pages are given in a random order from a pool larger than needed; every cache row that no
-    sequence owns (whole unused pages and the tail of each last page) holds `poison`, and block
-    table entries past each sequence's pages point at unused pages.
-    """
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    batch = len(seqlens)
-    pages = [-(-n // block_size) for n in seqlens]
-    max_blocks = max(pages + [0]) + spare_table_cols
-    num_blocks = sum(pages) + extra_blocks
-    perm = torch.randperm(num_blocks, generator=g)
-    kv_cache = torch.full((num_blocks, block_size, 1, 576), poison, dtype=torch.float32)
-    block_table = torch.empty(batch, max_blocks, dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(seqlens):
-        ids = perm[used:used + pages[b]]
-        used += pages[b]
-        # unused table entries point at pages nobody owns (or repeat a spare one)
-        spare = perm[sum(pages) + (torch.arange(max_blocks - pages[b]) % max(extra_blocks, 1))] if extra_blocks else torch.zeros(max_blocks - pages[b], dtype=torch.long)
-        block_table[b] = torch.cat([ids, spare]).int()
-        t = torch.arange(n)
-        kv_cache[ids[t // block_size], t % block_size, 0] = torch.randn(n, 576, generator=g)
-    q = torch.randn(batch, s_q, h_q, 576, generator=g)
-    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32)
-    return (q.to(dtype).to(device), kv_cache.to(dtype).to(device), block_table.to(device), cache_seqlens.to(device))

@@ -4,14 +4,15 @@ sequence lengths change (dynamic shapes), and the eager result."""
 import torch
 
 import torch_mla  # noqa: F401
-from oracle import paged_inputs
+from torch_mla.ops import HEAD_DIM_V, PAGE_SIZE, ROPE_DIM
+from torch_mla.testing import paged_inputs
 
 
 def decode_step(q, kv_cache, block_table, cache_seqlens, kv_c, k_pe, slot_mapping):
     """One decode step as a model runs it: write the new token, plan, attend."""
     torch.ops.mla.write_cache(kv_c, k_pe, kv_cache, slot_mapping)
     metadata, num_splits = torch.ops.mla.get_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1)
-    out, lse = torch.ops.mla.decode(q, kv_cache, block_table, cache_seqlens, 512, 0.07, True, metadata, num_splits)
+    out, lse = torch.ops.mla.decode(q, kv_cache, block_table, cache_seqlens, HEAD_DIM_V, 0.07, True, metadata, num_splits)
     return out.float() * 2.0, lse
 
 
@@ -20,9 +21,9 @@ def step_inputs(seqlens, seed):
     g = torch.Generator().manual_seed(seed)
     q, kv_cache, block_table, cache_seqlens = paged_inputs(seqlens, s_q=1, h_q=8, dtype=torch.float32, generator=g)
     positions = cache_seqlens.long() - 1
-    slots = block_table.gather(1, (positions // 64)[:, None]).squeeze(1).long() * 64 + positions % 64
-    kv_c = torch.randn(len(seqlens), 512, generator=g)
-    k_pe = torch.randn(len(seqlens), 64, generator=g)
+    slots = block_table.gather(1, (positions // PAGE_SIZE)[:, None]).squeeze(1).long() * PAGE_SIZE + positions % PAGE_SIZE
+    kv_c = torch.randn(len(seqlens), HEAD_DIM_V, generator=g)
+    k_pe = torch.randn(len(seqlens), ROPE_DIM, generator=g)
     return q, kv_cache, block_table, cache_seqlens, kv_c, k_pe, slots
 
 

@@ -8,13 +8,18 @@ element within 2e-2 of the largest |ref| of its sequence. NaN never passes.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import torch_mla
-from oracle import naive_decode, paged_inputs
+from oracle import naive_decode
+from torch_mla.ops import HEAD_DIM, HEAD_DIM_V, METADATA_SIZE, PAGE_SIZE, ROPE_DIM
+from torch_mla.testing import paged_inputs, strided_like
 
 pytestmark = pytest.mark.gpu
 
@@ -36,15 +41,9 @@ def poison_allocator(numel=1 << 24):
     torch.cuda.synchronize()
 
 
-def make_inputs(seqlens, s_q, h_q, dtype=torch.bfloat16, seed=0, extra_blocks=3):
-    g = torch.Generator().manual_seed(seed)
-    return paged_inputs(seqlens, s_q=s_q, h_q=h_q, block_size=64, dtype=dtype, device="cuda",
-                        extra_blocks=extra_blocks, generator=g)
-
-
 def check_against_oracle(seqlens, s_q, h_q, causal=False, dtype=torch.bfloat16, softmax_scale=None, seed=0,
                          use_metadata=False):
-    q, kv_cache, block_table, lens = make_inputs(seqlens, s_q, h_q, dtype, seed)
+    q, kv_cache, block_table, lens = paged_inputs(seqlens, s_q=s_q, h_q=h_q, dtype=dtype, device="cuda", seed=seed)
     if use_metadata:
         md, ns = torch_mla.get_metadata(lens, s_q * h_q, 1)
     else:
@@ -54,7 +53,7 @@ def check_against_oracle(seqlens, s_q, h_q, causal=False, dtype=torch.bfloat16, 
                                 tile_scheduler_metadata=md, num_splits=ns)
     torch.cuda.synchronize()
     ref_out, ref_lse = naive_decode(q, kv_cache, block_table, lens, softmax_scale, causal)
-    assert out.shape == (len(seqlens), s_q, h_q, 512) and out.dtype == dtype
+    assert out.shape == (len(seqlens), s_q, h_q, HEAD_DIM_V) and out.dtype == dtype
     assert lse.shape == (len(seqlens), h_q, s_q) and lse.dtype == torch.float32
     out, lse = out.cpu().double(), lse.cpu().double()
     assert not out.isnan().any(), "NaN in out"
@@ -122,7 +121,7 @@ def test_kernel_property(s_q, h_q, causal, batch, data):
 
 
 def test_repeated_runs_are_bitwise_identical():
-    q, kv, bt, lens = make_inputs([5000, 77, 1, 3000], 2, 64, seed=11)
+    q, kv, bt, lens = paged_inputs([5000, 77, 1, 3000], s_q=2, h_q=64, device="cuda", seed=11)
     first = torch_mla.decode(q, kv, bt, lens, causal=True)
     for _ in range(3):
         again = torch_mla.decode(q, kv, bt, lens, causal=True)
@@ -133,9 +132,9 @@ def check_plan(seqlens, rows):
     lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
     md, ns = torch_mla.get_metadata(lens, rows, 1)
     parts = torch_mla.ops.num_sm_parts(lens.device, rows, 1)
-    assert md.shape == (parts, 8) and ns.shape == (len(seqlens) + 1,)
+    assert md.shape == (parts, METADATA_SIZE) and ns.shape == (len(seqlens) + 1,)
     md, ns = md.cpu().tolist(), ns.cpu().tolist()
-    pages = [-(-n // 64) for n in seqlens]
+    pages = [-(-n // PAGE_SIZE) for n in seqlens]
     counts = [ns[b + 1] - ns[b] for b in range(len(seqlens))]
     assert ns[0] == 0
     assert [c == 0 for c in counts] == [p == 0 for p in pages]
@@ -185,7 +184,7 @@ def test_equal_lengths_are_not_split_when_they_fit():
 
 
 def test_cuda_graph_replay_with_changed_seqlens_matches_eager():
-    q, kv, bt, lens = make_inputs([2000] * 4, 2, 32, seed=7)  # every table entry holds real pages
+    q, kv, bt, lens = paged_inputs([2000] * 4, s_q=2, h_q=32, device="cuda", seed=7)  # every table entry holds real pages
     static_lens = lens.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -209,11 +208,11 @@ def test_cuda_graph_replay_with_changed_seqlens_matches_eager():
 
 
 def test_torch_compile_reduce_overhead_matches_eager():
-    q, kv, bt, lens = make_inputs([3000] * 3, 1, 128, seed=9)
+    q, kv, bt, lens = paged_inputs([3000] * 3, h_q=128, device="cuda", seed=9)
 
     def step(q, kv, bt, lens):
         md, ns = torch.ops.mla.get_metadata(lens, q.shape[1] * q.shape[2], 1)
-        return torch.ops.mla.decode(q, kv, bt, lens, 512, None, True, md, ns)
+        return torch.ops.mla.decode(q, kv, bt, lens, HEAD_DIM_V, None, True, md, ns)
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
@@ -230,10 +229,10 @@ def test_torch_compile_reduce_overhead_matches_eager():
 def test_write_cache_matches_reference(dtype, slot_dtype):
     g = torch.Generator().manual_seed(1)
     num_blocks, tokens = 6, 150
-    cache = torch.randn(num_blocks, 64, 1, 576, generator=g).to(dtype)
-    kv_c = torch.randn(tokens, 700, generator=g).to(dtype)[:, :512]  # a row stride != 512
-    k_pe = torch.randn(tokens, 64, generator=g).to(dtype)
-    slots = torch.randperm(num_blocks * 64, generator=g)[:tokens]
+    cache = torch.randn(num_blocks, PAGE_SIZE, 1, HEAD_DIM, generator=g).to(dtype)
+    kv_c = torch.randn(tokens, 700, generator=g).to(dtype)[:, :HEAD_DIM_V]  # a row stride != 512
+    k_pe = torch.randn(tokens, ROPE_DIM, generator=g).to(dtype)
+    slots = torch.randperm(num_blocks * PAGE_SIZE, generator=g)[:tokens]
     slots[::7] = -1
     slots = slots.to(slot_dtype)
     expected = cache.clone()
@@ -244,13 +243,87 @@ def test_write_cache_matches_reference(dtype, slot_dtype):
 
 
 def test_write_cache_then_decode_sees_the_new_tokens():
-    q, kv, bt, lens = make_inputs([130], 1, 16, seed=2)
-    new_c = torch.randn(3, 512, device="cuda").bfloat16()
-    new_pe = torch.randn(3, 64, device="cuda").bfloat16()
+    q, kv, bt, lens = paged_inputs([130], h_q=16, device="cuda", seed=2)
+    new_c = torch.randn(3, HEAD_DIM_V, device="cuda").bfloat16()
+    new_pe = torch.randn(3, ROPE_DIM, device="cuda").bfloat16()
     pos = torch.arange(130, 133, device="cuda")
-    slots = bt[0, pos // 64].long() * 64 + pos % 64
+    slots = bt[0, pos // PAGE_SIZE].long() * PAGE_SIZE + pos % PAGE_SIZE
     torch_mla.write_cache(new_c, new_pe, kv, slots)
     lens2 = torch.tensor([133], dtype=torch.int32, device="cuda")
     out, lse = torch_mla.decode(q, kv, bt, lens2)
     ref_out, ref_lse = naive_decode(q, kv, bt, lens2)
     assert (out.cpu().double() - ref_out).norm() / ref_out.norm() <= OUT_REL
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,use_metadata", [
+    ([65, 1, 200], 2, 16, False),
+    ([4097, 33], 2, 128, True),
+    ([0, 130, 7], 1, 1, False),
+    ([1000], 3, 1, True),
+])
+def test_strided_inputs_give_bit_identical_results(seqlens, s_q, h_q, use_metadata):
+    # q a slice of a wider projection, the cache one layer of a padded buffer, the table a column slice
+    q, kv, bt, lens = paged_inputs(seqlens, s_q=s_q, h_q=h_q, device="cuda", seed=4)
+    md, ns = torch_mla.get_metadata(lens, s_q * h_q, 1) if use_metadata else (None, None)
+    views = strided_like(q, kv, bt)
+    expected = torch_mla.decode(q, kv, bt, lens, causal=True, tile_scheduler_metadata=md, num_splits=ns)
+    got = torch_mla.decode(*views, lens, causal=True, tile_scheduler_metadata=md, num_splits=ns)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_strided_cache_of_a_single_block_and_batch_one_query_row():
+    # size-1 dims: their strides are anything, the kernel must not use them
+    q, kv, bt, lens = paged_inputs([40], h_q=1, device="cuda", extra_blocks=0, spare_table_cols=0, seed=6)
+    q_view = q.expand(1, 1, 1, HEAD_DIM).as_strided(q.shape, (7, 3, 5, 1))
+    kv_view = torch.empty(1, 2 * PAGE_SIZE, 1, HEAD_DIM + 64, dtype=kv.dtype, device="cuda")[:, ::2, :, :HEAD_DIM]
+    kv_view.copy_(kv)
+    expected = torch_mla.decode(q, kv, bt, lens)
+    got = torch_mla.decode(q_view, kv_view, bt, lens)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_write_cache_into_a_strided_cache_matches_reference():
+    g = torch.Generator().manual_seed(8)
+    buffer = torch.randn(2, 5, PAGE_SIZE, 1, HEAD_DIM + 64, generator=g).bfloat16()
+    kv_c = torch.randn(40, HEAD_DIM_V, generator=g).bfloat16()
+    k_pe = torch.randn(40, ROPE_DIM, generator=g).bfloat16()
+    slots = torch.randperm(5 * PAGE_SIZE, generator=g)[:40]
+    slots[::9] = -1
+    expected = buffer.clone()
+    torch_mla.reference.write_cache(kv_c, k_pe, expected[1, ..., :HEAD_DIM], slots)
+    got = buffer.cuda()
+    torch_mla.write_cache(kv_c.cuda(), k_pe.cuda(), got[1, ..., :HEAD_DIM], slots.cuda())
+    assert torch.equal(got.cpu(), expected)
+
+
+DEBUG_SCRIPT = """
+import torch, torch_mla
+from torch_mla.testing import paged_inputs
+assert torch_mla.has_cuda_kernel()
+q, kv, bt, lens = paged_inputs([10, 70], s_q=2, h_q=4, device="cuda")
+bad = torch.tensor([10, 10 ** 4], dtype=torch.int32, device="cuda")
+for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+    with mode():
+        try:
+            torch_mla.decode(q, kv, bt, bad)
+            print("decode: no error")
+        except ValueError as e:
+            print(e)
+        try:
+            torch_mla.write_cache(kv[0, :2, 0, :512].clone(), kv[0, :2, 0, 512:].clone(), kv,
+                                  torch.tensor([5, 5], device="cuda"))
+            print("write_cache: no error")
+        except ValueError as e:
+            print(e)
+"""
+
+
+def test_debug_mode_checks_values_in_every_grad_mode():
+    env = {**os.environ, "TORCH_MLA_DEBUG": "1"}
+    run = subprocess.run([sys.executable, "-c", DEBUG_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6, run.stdout
+    assert all(line.startswith("mla.decode: cache_seqlens must lie in [0, 192]") for line in lines[0::2]), run.stdout
+    assert all(line == "mla.write_cache: slot_mapping holds a slot twice; each token needs its own slot"
+               for line in lines[1::2]), run.stdout

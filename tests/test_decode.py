@@ -14,7 +14,9 @@ import torch
 from hypothesis import given, strategies as st
 
 import torch_mla
-from oracle import naive_decode, paged_inputs
+from oracle import naive_decode
+from torch_mla.ops import HEAD_DIM
+from torch_mla.testing import paged_inputs, strided_like
 
 ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 1e-6}
 
@@ -117,10 +119,10 @@ def test_causal_rows_see_a_growing_prefix():
         torch.testing.assert_close(lse[:, :, i], l_i[:, :, 0])
 
 
-def test_default_softmax_scale_is_576_to_the_minus_half():
+def test_default_softmax_scale_is_head_dim_to_the_minus_half():
     q, kv_cache, block_table, seqlens = paged_inputs([33], h_q=2, dtype=torch.float32)
     a = torch_mla.decode(q, kv_cache, block_table, seqlens)
-    b = torch_mla.decode(q, kv_cache, block_table, seqlens, softmax_scale=576 ** -0.5)
+    b = torch_mla.decode(q, kv_cache, block_table, seqlens, softmax_scale=HEAD_DIM ** -0.5)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -138,3 +140,36 @@ def test_decode_does_not_modify_its_inputs():
     torch_mla.decode(q, kv_cache, block_table, seqlens, causal=True)
     for t, b in zip((q, kv_cache, block_table, seqlens), before):
         assert torch.equal(t.nan_to_num(0.0), b.nan_to_num(0.0))
+
+
+@given(
+    seqlens=st.lists(st.integers(0, 200), min_size=1, max_size=3),
+    s_q=st.integers(1, 3),
+    h_q=st.sampled_from([1, 2, 5]),
+    block_size=st.sampled_from([1, 16, 64]),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    seed=st.integers(0, 2 ** 31 - 1),
+)
+def test_strided_inputs_give_the_result_of_contiguous_copies(seqlens, s_q, h_q, block_size, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, kv_cache, block_table, lens = paged_inputs(seqlens, s_q=s_q, h_q=h_q, block_size=block_size, dtype=dtype,
+                                                  generator=g)
+    views = strided_like(q, kv_cache, block_table)
+    for view, t in zip(views, (q, kv_cache, block_table)):
+        assert torch.equal(view.nan_to_num(7.0), t.nan_to_num(7.0)) and view.stride() != t.stride()
+    expected = torch_mla.decode(q, kv_cache, block_table, lens)
+    got = torch_mla.decode(*views, lens)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_strided_inputs_under_torch_compile_give_the_eager_result():
+    q, kv_cache, block_table, lens = paged_inputs([5, 70, 130], s_q=2, h_q=4, dtype=torch.float32)
+    views = strided_like(q, kv_cache, block_table)
+
+    def step(q, kv_cache, block_table, lens):
+        return torch.ops.mla.decode(q, kv_cache, block_table, lens, 512, None, True, None, None)
+
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(*views, lens)
+    expected = step(q, kv_cache, block_table, lens)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

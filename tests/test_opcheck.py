@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import torch_mla  # noqa: F401
-from oracle import paged_inputs
+from torch_mla.ops import HEAD_DIM, HEAD_DIM_V, PAGE_SIZE, ROPE_DIM
+from torch_mla.testing import paged_inputs
 
 
 def decode_samples():
@@ -20,7 +21,7 @@ def decode_samples():
 @pytest.mark.parametrize("name,tensors,kwargs", list(decode_samples()), ids=lambda v: v if isinstance(v, str) else "")
 def test_opcheck_decode(name, tensors, kwargs):
     q, kv, bt, sl = tensors
-    args = (q, kv, bt, sl, 512, kwargs.get("softmax_scale"), kwargs.get("causal", False),
+    args = (q, kv, bt, sl, HEAD_DIM_V, kwargs.get("softmax_scale"), kwargs.get("causal", False),
             kwargs.get("tile_scheduler_metadata"), kwargs.get("num_splits"))
     torch.library.opcheck(torch.ops.mla.decode.default, args)
 
@@ -33,8 +34,8 @@ def test_opcheck_get_metadata(seqlens, tokens):
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_opcheck_write_cache(slot_dtype, dtype):
-    kv_cache = torch.randn(4, 64, 1, 576).to(dtype)
-    kv_c = torch.randn(5, 512).to(dtype)
-    k_pe = torch.randn(5, 64).to(dtype)
+    kv_cache = torch.randn(4, PAGE_SIZE, 1, HEAD_DIM).to(dtype)
+    kv_c = torch.randn(5, HEAD_DIM_V).to(dtype)
+    k_pe = torch.randn(5, ROPE_DIM).to(dtype)
     slots = torch.tensor([3, -1, 70, 255, 128], dtype=slot_dtype)
     torch.library.opcheck(torch.ops.mla.write_cache.default, (kv_c, k_pe, kv_cache, slots))

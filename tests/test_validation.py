@@ -11,12 +11,17 @@ import pytest
 import torch
 
 import torch_mla
-from oracle import paged_inputs
+from torch_mla.testing import paged_inputs
 
 
 def valid_decode_args():
     q, kv_cache, block_table, seqlens = paged_inputs([10, 70], s_q=2, h_q=4)
     return dict(q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=seqlens)
+
+
+def _every_other(t):
+    """t's values in a view whose last dim has stride 2."""
+    return torch.stack([t, t], dim=-1)[..., 0]
 
 
 def _set(**changes):
@@ -37,8 +42,10 @@ DECODE_CASES = {
     "cache_seqlens int64": (_set(cache_seqlens=lambda a: a["cache_seqlens"].long()), "cache_seqlens must be int32, got int64"),
     "block_table batch": (_set(block_table=lambda a: a["block_table"][:1].contiguous()), "block_table must have batch (size 0) equal to q's 2, got 1"),
     "cache_seqlens batch": (_set(cache_seqlens=lambda a: a["cache_seqlens"][:1].contiguous()), "cache_seqlens must have batch (size 0) equal to q's 2, got 1"),
-    "q non-contiguous": (_set(q=lambda a: a["q"].transpose(1, 2).contiguous().transpose(1, 2)), "q must be contiguous"),
-    "block_table non-contiguous": (_set(block_table=lambda a: a["block_table"].t().contiguous().t()), "block_table must be contiguous"),
+    "q last-dim stride": (_set(q=lambda a: _every_other(a["q"])), "q must have unit stride in its last dim, got strides (9216, 4608, 1152, 2)"),
+    "kv_cache last-dim stride": (_set(kv_cache=lambda a: _every_other(a["kv_cache"])), "kv_cache must have unit stride in its last dim"),
+    "block_table last-dim stride": (_set(block_table=lambda a: a["block_table"].t().contiguous().t()), "block_table must have unit stride in its last dim, got strides (1, 2)"),
+    "cache_seqlens non-contiguous": (_set(cache_seqlens=lambda a: _every_other(a["cache_seqlens"])), "cache_seqlens must be contiguous, got strides (2,)"),
     "head_dim_v": (_set(head_dim_v=lambda a: 128), "head_dim_v must have value 512, got 128"),
     "softmax_scale": (_set(softmax_scale=lambda a: -1.0), "softmax_scale must be a positive finite number, got -1.0"),
     "metadata alone": (_set(tile_scheduler_metadata=lambda a: torch.zeros(1, 8, dtype=torch.int32)), "tile_scheduler_metadata and num_splits must be given togethe"),
@@ -116,6 +123,9 @@ WRITE_CASES = {
     "slot out of range": (dict(slot_mapping=torch.tensor([0, 128])), "slot_mapping holds slot 128 outside [0, 128)"),
     "slot twice": (dict(slot_mapping=torch.tensor([5, 5])), "slot_mapping holds a slot twice"),
     "cache rank": (dict(kv_cache=torch.zeros(2, 64, 576)), "kv_cache must be 4-D"),
+    "cache last-dim stride": (dict(kv_cache=torch.zeros(2, 64, 1, 576, 2)[..., 0]), "kv_cache must have unit stride in its last dim"),
+    "kv_c last-dim stride": (dict(kv_c=torch.randn(2, 512, 2)[..., 0]), "kv_c must have unit stride in its last dim"),
+    "slots non-contiguous": (dict(slot_mapping=torch.tensor([[0, 9], [1, 9]])[:, 0]), "slot_mapping must be contiguous"),
     "requires grad": (dict(kv_c=torch.randn(2, 512, requires_grad=True)), "kv_c requires grad"),
 }
 
@@ -130,20 +140,3 @@ def test_bad_write_cache_input_is_rejected(case):
     with pytest.raises(ValueError, match=re.escape(message)):
         torch_mla.write_cache(**args)
     assert torch.equal(args["kv_cache"], before), "a rejected write must not touch the cache"
-
-
-def test_debug_checks_run_in_front_of_a_backend_kernel(monkeypatch):
-    # The debug wrapper is what TORCH_MLA_DEBUG=1 puts in front of the CUDA kernel. Here the CPU
-    # impl is made to skip its own value checks (as the CUDA kernel does) and the wrapper is put
-    # in front of it (AutogradCPU) in a scoped library, so it is testable anywhere.
-    from torch_mla import ops
-
-    monkeypatch.setattr(ops, "_checks_values", lambda t: False)
-    args = VALUE_CASES["s_q > seqlen, causal"][0](valid_decode_args())
-    call_decode(**args)  # unchecked: runs
-    with torch.library._scoped_library("mla", "IMPL") as scoped:
-        scoped.impl("decode", ops._decode_with_value_checks, "AutogradCPU")
-        with pytest.raises(ValueError, match="with causal=True every non-empty sequence needs"):
-            call_decode(**args)
-        out, _ = call_decode(**valid_decode_args())
-        assert out.shape == (2, 2, 4, 512)

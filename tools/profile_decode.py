@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 import torch_mla
-from torch_mla.bench import make_inputs
+from torch_mla.testing import random_inputs
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch", type=int, default=128)
@@ -24,7 +24,7 @@ parser.add_argument("--calls", type=int, default=4)
 args = parser.parse_args()
 
 with torch.inference_mode():
-    q, kv_cache, block_table, lens = make_inputs(args.batch, args.s_q, args.h_q, args.seqlen, varlen=False, seed=1)
+    q, kv_cache, block_table, lens = random_inputs(args.batch, args.s_q, args.h_q, args.seqlen, device="cuda", seed=1)
     md, ns = torch_mla.get_metadata(lens, args.s_q * args.h_q, 1)
     for _ in range(args.calls):
         torch_mla.decode(q, kv_cache, block_table, lens, causal=True, tile_scheduler_metadata=md, num_splits=ns)

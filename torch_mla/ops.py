@@ -5,8 +5,10 @@ Every fact about the ops' arguments lives here once:
 * the schemas of ``torch.ops.mla.decode``, ``torch.ops.mla.get_metadata`` and
   ``torch.ops.mla.write_cache``;
 * the argument rules and their error messages (``check_decode_args`` and friends), used by the
-  fake (meta) impls under ``torch.compile`` and by the CPU impls; the CUDA impls in ``csrc/``
-  check the same rules with the same wording, and a GPU test compares the two;
+  fake (meta) impls under ``torch.compile`` and by the CPU impls. The CUDA impls in ``csrc/``
+  test bare predicates of the same rules and, when one fails, call the function here for the
+  message, so every path raises the same ValueError; in debug mode they call the value checks
+  here too (``check_decode_values``, ``check_write_cache_values``);
 * the shapes of every output (the fake impls);
 * the documented Python wrappers users call.
 
@@ -30,6 +32,7 @@ __all__ = [
     "HEAD_DIM_V",
     "ROPE_DIM",
     "METADATA_SIZE",
+    "PAGE_SIZE",
     "decode",
     "get_metadata",
     "write_cache",
@@ -40,6 +43,8 @@ HEAD_DIM = 576  # latent (kv_lora_rank = 512) + decoupled RoPE (64) dims of ever
 HEAD_DIM_V = 512  # V is the first 512 dims of the same cache row
 ROPE_DIM = HEAD_DIM - HEAD_DIM_V
 METADATA_SIZE = 8  # int32 words per scheduler partition in tile_scheduler_metadata
+PAGE_SIZE = 64  # tokens per KV page (block_size) the CUDA kernel takes
+TILE_ROWS = 64  # query rows (s_q * h_q) per CUDA thread block: one wgmma M
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 lib = torch.library.Library("mla", "DEF")
@@ -59,8 +64,10 @@ def debug_mode() -> bool:
     """True when ``TORCH_MLA_DEBUG`` is set to a non-empty value other than ``0``.
 
     In debug mode the values that only the device knows (sequence lengths against the block
-    table, block ids in range) are also checked on CUDA, at the cost of a host sync. On the CPU
-    they are always checked: there they cost no sync.
+    table, block ids in range, slots) are also checked on CUDA, at the cost of a host sync, in
+    every grad mode (``torch.inference_mode`` included) but not inside CUDA-graph capture,
+    where a sync is illegal. The compiled extension reads this once, when it loads. On the CPU
+    the values are always checked: there they cost no sync.
     """
     return os.environ.get("TORCH_MLA_DEBUG", "0") not in ("", "0")
 
@@ -103,6 +110,12 @@ def _check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
         _fail(op, f"{name} must be contiguous, got strides {tuple(t.stride())}")
 
 
+def _check_unit_last_stride(op: str, name: str, t: torch.Tensor) -> None:
+    # Other strides are free (a slice of a larger buffer); a size-1 dim's stride never matters.
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        _fail(op, f"{name} must have unit stride in its last dim, got strides {tuple(t.stride())}")
+
+
 def _check_devices(op: str, first: str, **tensors: torch.Tensor | None) -> None:
     device = tensors[first].device
     for name, t in tensors.items():
@@ -125,7 +138,12 @@ def check_decode_args(
     tile_scheduler_metadata: torch.Tensor | None,
     num_splits: torch.Tensor | None,
 ) -> None:
-    """Shape, dtype, device and layout rules of ``mla.decode``; no device value is read."""
+    """Shape, dtype, device and layout rules of ``mla.decode``; no device value is read.
+
+    Layout: q, kv_cache and block_table need a unit stride in their last dim only (q may be a
+    slice of a larger projection output, kv_cache one layer of a larger buffer or with padded
+    rows, block_table a column slice); cache_seqlens and the metadata must be contiguous.
+    """
     op = "decode"
     _check_devices(
         op, "q", q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
@@ -152,8 +170,9 @@ def check_decode_args(
     batch = q.shape[0]
     _check_size(op, "block_table", "batch (size 0) equal to q's", block_table.shape[0], batch)
     _check_size(op, "cache_seqlens", "batch (size 0) equal to q's", cache_seqlens.shape[0], batch)
-    for name, t in (("q", q), ("kv_cache", kv_cache), ("block_table", block_table), ("cache_seqlens", cache_seqlens)):
-        _check_contiguous(op, name, t)
+    for name, t in (("q", q), ("kv_cache", kv_cache), ("block_table", block_table)):
+        _check_unit_last_stride(op, name, t)
+    _check_contiguous(op, "cache_seqlens", cache_seqlens)
     if softmax_scale is not None and not (softmax_scale > 0 and math.isfinite(softmax_scale)):
         _fail(op, f"softmax_scale must be a positive finite number, got {softmax_scale}")
     if (tile_scheduler_metadata is None) != (num_splits is None):
@@ -218,10 +237,9 @@ def check_write_cache_args(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: tor
     _check_size(op, "kv_cache", "num_heads_k (size 2)", kv_cache.shape[2], 1)
     _check_size(op, "k_pe", "num_tokens (size 0) equal to kv_c's", k_pe.shape[0], kv_c.shape[0])
     _check_size(op, "slot_mapping", "num_tokens (size 0) equal to kv_c's", slot_mapping.shape[0], kv_c.shape[0])
-    _check_contiguous(op, "kv_cache", kv_cache)
+    for name, t in (("kv_c", kv_c), ("k_pe", k_pe), ("kv_cache", kv_cache)):
+        _check_unit_last_stride(op, name, t)
     _check_contiguous(op, "slot_mapping", slot_mapping)
-    if kv_c.stride(1) != 1 or k_pe.stride(1) != 1:
-        _fail(op, "kv_c and k_pe must have unit stride in their last dim")
     _check_no_grad(op, kv_c=kv_c, k_pe=k_pe, kv_cache=kv_cache)
 
 
@@ -245,7 +263,7 @@ def num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k
     if device.type != "cuda":
         return 1
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    q_tiles = -(-num_q_tokens_per_head_k // 64)
+    q_tiles = -(-num_q_tokens_per_head_k // TILE_ROWS)
     return max(1, sm_count // num_heads_k // q_tiles)
 
 
@@ -321,31 +339,6 @@ def _register_reference(dispatch_key: str) -> None:
 _register_reference("CPU")
 
 
-def _decode_with_value_checks(q, kv_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V, softmax_scale=None,
-                              causal=False, tile_scheduler_metadata=None, num_splits=None):
-    check_decode_values(q, kv_cache, block_table, cache_seqlens, causal)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.mla.decode.default(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
-                                            causal, tile_scheduler_metadata, num_splits)
-
-
-def _write_cache_with_value_checks(kv_c, k_pe, kv_cache, slot_mapping):
-    check_write_cache_values(kv_cache, slot_mapping)
-    with torch._C._AutoDispatchBelowAutograd():
-        torch.ops.mla.write_cache.default(kv_c, k_pe, kv_cache, slot_mapping)
-
-
-def register_debug_checks(dispatch_key: str = "AutogradCUDA") -> None:
-    """Debug mode for a compiled backend: check device-held values before its kernel runs.
-
-    The checks sit at the autograd key in front of the C++ kernel, so the fast path carries no
-    Python and no sync; they run on eager calls outside ``torch.inference_mode`` (which skips
-    autograd keys) and are done by ``import torch_mla`` when ``TORCH_MLA_DEBUG=1``.
-    """
-    lib.impl("decode", _decode_with_value_checks, dispatch_key)
-    lib.impl("write_cache", _write_cache_with_value_checks, dispatch_key)
-
-
 # --------------------------------------------------------------------------------------------
 # Python wrappers: the documented API.
 # --------------------------------------------------------------------------------------------
@@ -365,6 +358,11 @@ def decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention over a paged latent KV cache (absorbed / MQA form).
 
+    Layout: q, kv_cache and block_table need only a unit stride in their last dim. The CUDA
+    kernel reads a sequence's ``s_q * h_q`` query rows with one row stride, so with s_q > 1 and
+    h_q > 1 it also needs ``q.stride(1) == h_q * q.stride(2)``; it loads q and kv_cache by TMA,
+    so their strides must be multiples of 16 bytes and their data 16-byte aligned.
+
     Args:
         q: ``[batch, s_q, h_q, 576]`` bf16 or fp16 (fp32 on the CPU). The first 512 dims are the
             query in the latent space (W_UK absorbed), the last 64 its RoPE part.
@@ -373,8 +371,8 @@ def decode(
             The CUDA kernel needs ``block_size == 64``.
         block_table: ``[batch, max_blocks_per_seq]`` int32: block ids of each sequence, in order.
             Entries past a sequence's length are never read.
-        cache_seqlens: ``[batch]`` int32: number of cached tokens of each sequence, the new
-            ones included. 0 marks an empty (padding) sequence: its out is 0, its lse +inf.
+        cache_seqlens: ``[batch]`` int32, contiguous: number of cached tokens of each sequence,
+            the new ones included. 0 marks an empty (padding) sequence: its out is 0, its lse +inf.
         softmax_scale: multiplies q·k before the softmax; default ``576 ** -0.5``.
         causal: with ``s_q > 1``, query row i of a sequence of length L sees keys
             ``[0, L - s_q + i]`` (speculative / multi-token decoding); otherwise all L keys.
@@ -417,10 +415,12 @@ def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
     Args:
         kv_c: ``[num_tokens, 512]``, the compressed latent ``c_kv`` (kv_cache's dtype).
         k_pe: ``[num_tokens, 64]``, the RoPE key (already rotated).
-        kv_cache: ``[num_blocks, block_size, 1, 576]``, mutated: row ``slot_mapping[t]`` of the
-            flattened ``[num_blocks * block_size, 576]`` view becomes ``[kv_c[t] | k_pe[t]]``.
-        slot_mapping: ``[num_tokens]`` int32 or int64, ``block_id * block_size + offset``; a
-            negative slot skips the token (padding). Slots must be distinct.
+        kv_cache: ``[num_blocks, block_size, 1, 576]``, mutated: row ``slot % block_size`` of
+            block ``slot // block_size`` becomes ``[kv_c[t] | k_pe[t]]`` for ``slot =
+            slot_mapping[t]``. Like kv_c and k_pe it needs only a unit stride in its last dim
+            (one layer of a larger buffer, padded rows), so it can be the cache decode reads.
+        slot_mapping: ``[num_tokens]`` int32 or int64, contiguous, ``block_id * block_size +
+            offset``; a negative slot skips the token (padding). Slots must be distinct.
     """
     torch.ops.mla.write_cache(kv_c, k_pe, kv_cache, slot_mapping)
 

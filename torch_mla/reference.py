@@ -77,8 +77,11 @@ def get_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int, metadata_size: 
 
 
 def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """``kv_cache.view(-1, 576)[slot] = [kv_c | k_pe]`` for every token whose slot is >= 0."""
-    rows = kv_cache.view(-1, kv_cache.shape[-1])
+    """``kv_cache[slot // block_size, slot % block_size, 0] = [kv_c | k_pe]`` for each slot >= 0.
+
+    Indexes the 4-D cache (no flattening view), so a strided cache is written in place.
+    """
+    block_size = kv_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    rows[slots] = torch.cat([kv_c[keep], k_pe[keep]], dim=-1).to(kv_cache.dtype)
+    kv_cache[slots // block_size, slots % block_size, 0] = torch.cat([kv_c[keep], k_pe[keep]], dim=-1).to(kv_cache.dtype)

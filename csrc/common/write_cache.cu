@@ -1,7 +1,8 @@
-// mla.write_cache: kv_cache.view(-1, 576)[slot_mapping[t]] = [kv_c[t] | k_pe[t]], negative slot = skip.
-// One block per token; element-wise copies (rows may have any stride), no host sync.
+// mla.write_cache: kv_cache[slot / block_size, slot % block_size, 0] = [kv_c[t] | k_pe[t]] for
+// slot = slot_mapping[t], negative slot = skip. One block per token; element-wise copies (rows
+// and blocks may have any stride), no host sync.
 
-#include "launch.h"
+#include "params.h"
 
 namespace mla {
 namespace {
@@ -9,38 +10,44 @@ namespace {
 template <typename T, typename Slot>
 __global__ void __launch_bounds__(256) write_cache_kernel(const T* __restrict__ kv_c, int64_t kv_c_stride,
                                                           const T* __restrict__ k_pe, int64_t k_pe_stride,
-                                                          T* __restrict__ kv_cache, const Slot* __restrict__ slots) {
+                                                          T* __restrict__ kv_cache, int64_t kv_block_stride,
+                                                          int64_t kv_row_stride, int block_size,
+                                                          const Slot* __restrict__ slots) {
   const int64_t t = blockIdx.x;
   const int64_t slot = static_cast<int64_t>(slots[t]);
   if (slot < 0) return;
-  T* dst = kv_cache + slot * kHeadDim;
+  T* dst = kv_cache + (slot / block_size) * kv_block_stride + (slot % block_size) * kv_row_stride;
   for (int i = threadIdx.x; i < kHeadDim; i += blockDim.x)
     dst[i] = i < kHeadDimV ? kv_c[t * kv_c_stride + i] : k_pe[t * k_pe_stride + (i - kHeadDimV)];
 }
 
 template <typename T>
 void launch_typed(const void* kv_c, int64_t kv_c_stride, const void* k_pe, int64_t k_pe_stride, void* kv_cache,
-                  const void* slots, bool slot_is_int64, int64_t n, cudaStream_t stream) {
+                  int64_t kv_block_stride, int64_t kv_row_stride, int block_size, const void* slots, bool slot_is_int64,
+                  int64_t n, cudaStream_t stream) {
+  const auto* c = static_cast<const T*>(kv_c);
+  const auto* pe = static_cast<const T*>(k_pe);
+  auto* cache = static_cast<T*>(kv_cache);
   if (slot_is_int64)
-    write_cache_kernel<T, int64_t><<<n, 256, 0, stream>>>(static_cast<const T*>(kv_c), kv_c_stride,
-                                                          static_cast<const T*>(k_pe), k_pe_stride,
-                                                          static_cast<T*>(kv_cache), static_cast<const int64_t*>(slots));
+    write_cache_kernel<T, int64_t><<<n, 256, 0, stream>>>(c, kv_c_stride, pe, k_pe_stride, cache, kv_block_stride,
+                                                          kv_row_stride, block_size, static_cast<const int64_t*>(slots));
   else
-    write_cache_kernel<T, int32_t><<<n, 256, 0, stream>>>(static_cast<const T*>(kv_c), kv_c_stride,
-                                                          static_cast<const T*>(k_pe), k_pe_stride,
-                                                          static_cast<T*>(kv_cache), static_cast<const int32_t*>(slots));
+    write_cache_kernel<T, int32_t><<<n, 256, 0, stream>>>(c, kv_c_stride, pe, k_pe_stride, cache, kv_block_stride,
+                                                          kv_row_stride, block_size, static_cast<const int32_t*>(slots));
 }
 
 }  // namespace
 
 void launch_write_cache(const void* kv_c, int64_t kv_c_stride, const void* k_pe, int64_t k_pe_stride, void* kv_cache,
-                        const void* slot_mapping, bool slot_is_int64, int64_t num_tokens, int elem_size,
-                        cudaStream_t stream) {
+                        int64_t kv_block_stride, int64_t kv_row_stride, int block_size, const void* slot_mapping,
+                        bool slot_is_int64, int64_t num_tokens, int elem_size, cudaStream_t stream) {
   if (num_tokens == 0) return;
   if (elem_size == 2)
-    launch_typed<uint16_t>(kv_c, kv_c_stride, k_pe, k_pe_stride, kv_cache, slot_mapping, slot_is_int64, num_tokens, stream);
+    launch_typed<uint16_t>(kv_c, kv_c_stride, k_pe, k_pe_stride, kv_cache, kv_block_stride, kv_row_stride, block_size,
+                           slot_mapping, slot_is_int64, num_tokens, stream);
   else
-    launch_typed<uint32_t>(kv_c, kv_c_stride, k_pe, k_pe_stride, kv_cache, slot_mapping, slot_is_int64, num_tokens, stream);
+    launch_typed<uint32_t>(kv_c, kv_c_stride, k_pe, k_pe_stride, kv_cache, kv_block_stride, kv_row_stride, block_size,
+                           slot_mapping, slot_is_int64, num_tokens, stream);
 }
 
 }  // namespace mla

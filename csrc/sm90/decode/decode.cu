@@ -1,7 +1,6 @@
 // Host side of the sm90 decode: TMA tensor maps, launch of the split-KV kernel, then the combine.
 
-#include <cmath>
-#include <cstdio>
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -40,59 +39,40 @@ CUtensorMap make_map(const void* base, DType dtype, int rank, const cuuint64_t* 
 }
 
 template <typename T>
-void launch_typed(const DecodeArgs& a, cudaStream_t stream) {
-  const int rows = a.s_q * a.h_q;
+void launch_typed(const Params& p, cudaStream_t stream) {
   // A 64-row tile (a page of the cache, or 64 query rows) lands in shared memory as kChunks
   // chunks of 64 rows x 64 columns (128 B rows, 128B swizzle), chunk after chunk: in global
-  // memory that is the view (column in chunk, row, chunk), strides (2 B, 1152 B, 128 B). One TMA
-  // box of 64 x 64 x 9 carries a whole Q tile; the cache's box is 32 rows of one chunk, since the
-  // kernel refills a page in parts as its chunks free up.
-  constexpr cuuint64_t kRowBytes = kHeadDim * 2, kChunkStride = sm90::kChunkCols * 2;
-  const cuuint64_t q_dims[4] = {sm90::kChunkCols, static_cast<cuuint64_t>(rows), sm90::kChunks,
-                                static_cast<cuuint64_t>(a.batch)};
-  const cuuint64_t q_strides[3] = {kRowBytes, kChunkStride, static_cast<cuuint64_t>(rows) * kRowBytes};
+  // memory that is the view (column in chunk, row, chunk, batch or block), with the rows' and
+  // the batch's or block's strides of the tensors (ops.cpp checked that TMA can take them). One
+  // TMA box of 64 x 64 x 9 carries a whole Q tile; the cache's box is 32 rows of one chunk of one
+  // block, since the kernel refills a page in parts as its chunks free up.
+  constexpr cuuint64_t kElem = 2, kChunkStride = sm90::kChunkCols * kElem;
+  const cuuint64_t q_dims[4] = {sm90::kChunkCols, static_cast<cuuint64_t>(p.rows), sm90::kChunks,
+                                static_cast<cuuint64_t>(p.batch)};
+  const cuuint64_t q_strides[3] = {static_cast<cuuint64_t>(p.q_row_stride) * kElem, kChunkStride,
+                                   static_cast<cuuint64_t>(p.q_batch_stride) * kElem};
   const cuuint32_t box[4] = {sm90::kChunkCols, 64, sm90::kChunks, 1};
-  const CUtensorMap tmap_q = make_map(a.q, a.dtype, 4, q_dims, q_strides, box);
-  const cuuint64_t kv_dims[3] = {sm90::kChunkCols, static_cast<cuuint64_t>(a.num_blocks) * kPageSize, sm90::kChunks};
-  const cuuint64_t kv_strides[2] = {kRowBytes, kChunkStride};
-  const cuuint32_t kv_box[3] = {sm90::kChunkCols, kPageSize / 2, 1};
-  const CUtensorMap tmap_kv = make_map(a.kv_cache, a.dtype, 3, kv_dims, kv_strides, kv_box);
+  const CUtensorMap tmap_q = make_map(p.q, p.dtype, 4, q_dims, q_strides, box);
+  const cuuint64_t kv_dims[4] = {sm90::kChunkCols, kPageSize, sm90::kChunks, static_cast<cuuint64_t>(p.num_blocks)};
+  const cuuint64_t kv_strides[3] = {static_cast<cuuint64_t>(p.kv_row_stride) * kElem, kChunkStride,
+                                    static_cast<cuuint64_t>(p.kv_block_stride) * kElem};
+  const cuuint32_t kv_box[4] = {sm90::kChunkCols, kPageSize / 2, 1, 1};
+  const CUtensorMap tmap_kv = make_map(p.kv_cache, p.dtype, 4, kv_dims, kv_strides, kv_box);
 
-  sm90::Params p;
-  p.q = a.q;
-  p.block_table = a.block_table;
-  p.cache_seqlens = a.cache_seqlens;
-  p.metadata = a.metadata;
-  p.num_splits = a.num_splits;
-  p.out = a.out;
-  p.lse = a.lse;
-  p.out_accum = a.out_accum;
-  p.lse_accum = a.lse_accum;
-  p.batch = a.batch;
-  p.s_q = a.s_q;
-  p.h_q = a.h_q;
-  p.rows = rows;
-  p.max_blocks = a.max_blocks;
-  p.scale_log2 = a.softmax_scale * 1.4426950408889634f;
-  p.causal = a.causal ? 1 : 0;
-
-  static bool attr_set = false;
-  if (!attr_set) {
-    cudaFuncSetAttribute(sm90::decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm90::kSmemAlloc);
-    attr_set = true;
-  }
-  const dim3 grid((rows + kTileRows - 1) / kTileRows, a.num_parts);
+  static std::atomic<uint64_t> smem_set{0};
+  opt_in_dynamic_smem(reinterpret_cast<const void*>(&sm90::decode_kernel<T>), sm90::kSmemAlloc, smem_set, "mla.decode");
+  const dim3 grid((p.rows + kTileRows - 1) / kTileRows, p.num_parts);
   sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
 }
 
 }  // namespace
 
-void launch_decode(const DecodeArgs& a, cudaStream_t stream) {
-  if (a.dtype == DType::kBF16)
-    launch_typed<__nv_bfloat16>(a, stream);
+void launch_decode(const Params& p, cudaStream_t stream) {
+  if (p.dtype == DType::kBF16)
+    launch_typed<__nv_bfloat16>(p, stream);
   else
-    launch_typed<__half>(a, stream);
-  launch_combine(a, stream);
+    launch_typed<__half>(p, stream);
+  launch_combine(p, stream);
 }
 
 }  // namespace mla

@@ -31,8 +31,9 @@
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <utility>
 
-#include "launch.h"
+#include "params.h"
 #include "sm90/decode/timeline.cuh"
+#include "sm90/ptx.cuh"
 
 namespace mla::sm90 {
 
@@ -58,87 +59,6 @@ constexpr int kSmemUsed = kSmemBar + (3 * kStages + 1) * 8;  // + the Q barrier
 constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
-struct Params {
-  const void* q;
-  const int32_t* block_table;
-  const int32_t* cache_seqlens;
-  const int32_t* metadata;
-  const int32_t* num_splits;
-  void* out;
-  float* lse;
-  float* out_accum;
-  float* lse_accum;
-  int batch, s_q, h_q, rows, max_blocks;
-  float scale_log2;  // softmax_scale * log2(e)
-  int causal;
-};
-
-// ------------------------------------------------------------------ PTX helpers
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t phase) {
-  uint32_t done;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(phase)
-        : "memory");
-  } while (!done);
-}
-
-__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
-      : "memory");
-}
-
-__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2,
-                                            int c3) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];" ::
-          "r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-      : "memory");
-}
-
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-__device__ __forceinline__ void named_barrier(int id, int count) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// wgmma shared-memory descriptor, 128-byte swizzle. lbo/sbo in bytes.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  uint64_t d = 0;
-  d |= static_cast<uint64_t>((addr >> 4) & 0x3FFF);
-  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
-  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-  d |= static_cast<uint64_t>(1) << 62;  // SWIZZLE_128B
-  return d;
-}
 // K-major operand (rows of 128 B, 8-row groups 1024 B apart).
 __device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) { return make_desc(addr, 16, 1024); }
 // MN-major operand (V as B): 64-element MN atoms 8 KB apart (LBO), 8-row K groups 1 KB apart (SBO).
@@ -148,13 +68,11 @@ template <typename T>
 struct Gmma;
 template <>
 struct Gmma<__nv_bfloat16> {
-  using QK = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using QKs = cute::SM90::GMMA::MMA_64x64x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32BF16BF16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
 template <>
 struct Gmma<__half> {
-  using QK = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using QKs = cute::SM90::GMMA::MMA_64x64x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
   using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 };
@@ -164,24 +82,6 @@ __device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float (&d)[N],
                                         std::index_sequence<I...>) {
   Atom::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
-
-template <class Atom, int N, size_t... I>
-__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[N], bool accumulate,
-                                        std::index_sequence<I...>) {
-  Atom::fma(a[0], a[1], a[2], a[3], db, d[I]...,
-            accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void named_arrive(int id, int count) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(count) : "memory");
-}
-template <int N>
-__device__ __forceinline__ void reg_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
-template <int N>
-__device__ __forceinline__ void reg_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b);
@@ -219,7 +119,6 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&a)[4], int t) {
 
 // ------------------------------------------------------------------ the kernel
 
-
 __device__ __forceinline__ int pages_in(int seqlen) { return seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 0; }
 
 // Walks the (sequence, page) pairs of one scheduler stretch in order, skipping empty sequences.
@@ -252,7 +151,6 @@ __device__ __forceinline__ void advance(Cursor& c, const Stretch& st, const int3
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
-  using QK = typename Gmma<T>::QK;
   using QKs = typename Gmma<T>::QKs;
   using PV = typename Gmma<T>::PV;
   extern __shared__ uint8_t smem_raw[];
@@ -275,16 +173,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_q)) : "memory");
   if (tid == 128) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_kv)) : "memory");
   const int m_tile = blockIdx.x;
-  const int32_t* meta = p.metadata + blockIdx.y * kMetadataSize;
-  const Stretch st{meta[0], meta[1], meta[2], meta[3]};
-  const int begin_split = meta[4];
+  const MetadataRow& meta = p.metadata[blockIdx.y];
+  const Stretch st{meta.begin_batch, meta.begin_page, meta.end_batch, meta.end_page};
+  const int begin_split = meta.begin_split;
   if (st.begin_b >= p.batch) return;
   // The producer reads the block of the stretch's first page now, beside the sequence lengths
   // that settle() reads: one dependent memory round trip less before the first page's TMA. It is
   // used only if the stretch does start there (it does whenever the metadata is get_metadata's).
   const bool first_block_read = wg > 0 && warp == 0 && st.begin_page < p.max_blocks;
   const int first_block =
-      first_block_read ? p.block_table[static_cast<int64_t>(st.begin_b) * p.max_blocks + st.begin_page] : 0;
+      first_block_read ? p.block_table[static_cast<int64_t>(st.begin_b) * p.block_table_stride + st.begin_page] : 0;
   Cursor cur{st.begin_b, 0, 0};
   settle(cur, st, p.cache_seqlens);
   if (cur.b > st.end_b) return;  // nothing to do (every thread agrees)
@@ -469,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     auto block_of = [&](const Cursor& c) {
       return first_block_read && c.b == st.begin_b && c.page == st.begin_page
                  ? first_block
-                 : p.block_table[static_cast<int64_t>(c.b) * p.max_blocks + c.page];
+                 : p.block_table[static_cast<int64_t>(c.b) * p.block_table_stride + c.page];
     };
     // The block of the next page to load is read one load ahead: that global read (often a DRAM
     // miss, ~0.5-1 us) then runs under P.V instead of between P.V's end and the stage's refill.
@@ -481,8 +379,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int chunk = part == 2 ? kChunks - 1 : 4 * v + lane;
       const int row = part == 2 ? 32 * lane : 32 * part;
       if (lane < (part == 2 ? 2 : 4))
-        tma_load_3d(s_kv + stage * kPageBytes + chunk * kChunkBytes + row * 128, &tmap_kv, bar_full + 8 * stage, 0,
-                    next_block * kPageSize + row, chunk);
+        tma_load_4d(s_kv + stage * kPageBytes + chunk * kChunkBytes + row * 128, &tmap_kv, bar_full + 8 * stage, 0,
+                    row, chunk, next_block);
     };
     auto ld_next = [&] {
       advance(ld, st, p.cache_seqlens);
