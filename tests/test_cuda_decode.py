@@ -32,7 +32,7 @@ LSE_ATOL = 1e-3
 def _kernel_present():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    assert torch_mla.has_cuda_kernel(), f"CUDA extension not loaded: {torch_mla._CUDA_KERNEL_ERROR}"
+    assert torch_mla.has_cuda_kernel(), f"CUDA extension not loaded: {torch_mla.cuda_kernel_error()}"
 
 
 def poison_allocator(numel=1 << 24):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import torch_mla
-from oracle import paged_inputs
+from torch_mla.testing import paged_inputs
 
 MAX_BS, S_Q, H_Q, SCALE = 8, 2, 16, 0.08
 ROUNDS = (8, 5, 1, 3, 8)  # live rows per step: shrinking, then growing past stale tails

@@ -18,7 +18,8 @@ from hypothesis import given, strategies as st
 
 import torch_mla
 import torch_mla.flash_mla as flash_mla
-from oracle import naive_decode, paged_inputs
+from oracle import naive_decode
+from torch_mla.testing import paged_inputs
 
 PAGE_SIZE = 64
 KV_LORA_RANK = 512
@@ -85,11 +86,17 @@ def test_flashmla_own_test_calls_match_decode():
 
 
 @pytest.mark.parametrize("fp8_keyword", [False, True])
-def test_sglang_metadata_tensors_match_decode(fp8_keyword):
+@pytest.mark.parametrize("table_slice", [False, True])
+def test_sglang_metadata_tensors_match_decode(fp8_keyword, table_slice):
     from torch_mla import flash_mla_with_kvcache, get_mla_metadata
 
     Q_LEN, num_q_heads, scaling = 1, 16, 0.08
     q, k_cache, block_kv_indices, seq_lens = inputs([200, 64, 0, 3], h_q=num_q_heads)
+    if table_slice:  # under CUDA graphs SGLang passes cuda_graph_kv_indices[:bs, :max_seqlen_pad]
+        wide = torch.full((block_kv_indices.shape[0], block_kv_indices.shape[1] + 7), -1, dtype=torch.int32)
+        wide[:, :block_kv_indices.shape[1]] = block_kv_indices
+        block_kv_indices = wide[:, :block_kv_indices.shape[1]]
+        assert not block_kv_indices.is_contiguous()
     kw = dict(is_fp8_kvcache=False) if fp8_keyword else {}  # sgl_kernel.flash_mla passes it
     # FlashMLABackend.init_forward_metadata
     mla_metadata, num_splits = get_mla_metadata(seq_lens.to(torch.int32), Q_LEN * num_q_heads, 1, **kw)

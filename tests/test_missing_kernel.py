@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torch_mla
-from oracle import paged_inputs
+from torch_mla.testing import paged_inputs
 
 REASON = "the build skipped it: the CUTLASS headers were not found"
 

@@ -80,10 +80,7 @@ _CUDA_FALLBACKS = {
     "get_metadata": _cuda_fallback(ops._get_metadata_impl),
     "write_cache": _cuda_fallback(ops._write_cache_impl),
 }
-if _CUDA_KERNEL_ERROR is None:
-    if ops.debug_mode():
-        ops.register_debug_checks("AutogradCUDA")
-else:
+if _CUDA_KERNEL_ERROR is not None:
     for _name, _impl in _CUDA_FALLBACKS.items():
         ops.lib.impl(_name, _impl, "CUDA")
 

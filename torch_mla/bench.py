@@ -29,9 +29,9 @@ import torch
 
 import torch_mla
 from torch_mla import reference
+from torch_mla.testing import random_inputs
 from torch_mla.ops import HEAD_DIM, HEAD_DIM_V
 
-PAGE = 64
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The classes the summary reports (geometric mean of the ratio in each).
 CLASSES = ("compute-bound (b=128, h_q*s_q >= 128)", "memory-bound (b=128, h_q*s_q <= 64)", "small batch (b < 128)")
@@ -57,28 +57,6 @@ def measure_ceilings() -> dict:
     del a, b
     torch.cuda.empty_cache()
     return {"copy_GBps": copy_gbs, "matmul_TFLOPs": mm_tflops}
-
-
-def make_inputs(batch, s_q, h_q, seqlen, varlen, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    if varlen:
-        lens = torch.normal(float(seqlen), seqlen / 2, (batch,), generator=g).round().clamp_min(s_q).int()
-    else:
-        lens = torch.full((batch,), seqlen, dtype=torch.int32)
-    pages = (lens + PAGE - 1) // PAGE
-    max_blocks = int(pages.max())
-    num_blocks = int(pages.sum())
-    perm = torch.randperm(num_blocks, generator=g).int()
-    block_table = torch.zeros(batch, max_blocks, dtype=torch.int32)
-    offset = 0
-    for b in range(batch):
-        n = int(pages[b])
-        block_table[b, :n] = perm[offset:offset + n]
-        offset += n
-    torch.manual_seed(seed)
-    kv_cache = torch.randn(num_blocks, PAGE, 1, HEAD_DIM, device="cuda", dtype=dtype)
-    q = torch.randn(batch, s_q, h_q, HEAD_DIM, device="cuda", dtype=dtype)
-    return q, kv_cache, block_table.cuda(), lens.cuda()
 
 
 def check(q, kv_cache, block_table, lens, out, lse, causal, max_seqs=8):
@@ -152,7 +130,8 @@ def row_class(row: dict) -> str:
 
 def bench_shape(batch, s_q, h_q, seqlen, varlen, ceilings, dtype=torch.bfloat16, flash_mla=None, causal=True,
                 seed=0) -> dict:
-    q, kv_cache, block_table, lens = make_inputs(batch, s_q, h_q, seqlen, varlen, dtype=dtype, seed=seed)
+    q, kv_cache, block_table, lens = random_inputs(batch, s_q, h_q, seqlen, varlen=varlen, dtype=dtype, device="cuda",
+                                                   seed=seed)
     calls = {"torch_mla": torch_mla_call(q, kv_cache, block_table, lens, causal)}
     if flash_mla is not None:
         calls["flashmla"] = flashmla_call(flash_mla, q, kv_cache, block_table, lens, causal)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .ops import HEAD_DIM
+from .ops import HEAD_DIM, PAGE_SIZE
 
 __all__ = ["BLOCK_SIZE", "CacheFullError", "BlockAllocator", "PagedKVCache", "slot_mapping"]
 
-BLOCK_SIZE = 64  # tokens per block: the page size of the CUDA kernel
+BLOCK_SIZE = PAGE_SIZE  # tokens per block: the page size of the CUDA kernel
 
 
 class CacheFullError(RuntimeError):

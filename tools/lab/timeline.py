@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # run from anywhere
 
 import torch_mla
-from torch_mla.bench import make_inputs
+from torch_mla.testing import random_inputs
 
 PARTS, TILES, ROWS, EVENTS = 8, 4, 256, 8  # timeline.cuh
 (WAIT_FULL, S_ISSUE, S_DONE, P_READY, PV_ISSUE, PV_DONE, REFILL, PV2_DONE) = range(EVENTS)
@@ -110,7 +110,7 @@ def main() -> None:
 
     for (b, s_q, seqlen, h_q) in SHAPES:
         with torch.inference_mode():
-            q, kv, bt, lens = make_inputs(b, s_q, h_q, seqlen, varlen=False, seed=1)
+            q, kv, bt, lens = random_inputs(b, s_q, h_q, seqlen, device="cuda", seed=1)
             md, ns = torch_mla.get_metadata(lens, s_q * h_q, 1)
             call = lambda: torch_mla.decode(q, kv, bt, lens, causal=True, tile_scheduler_metadata=md, num_splits=ns)
             us = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
