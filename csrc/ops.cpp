@@ -39,6 +39,8 @@ bool value_checks_due(cudaStream_t stream) {
 }
 
 // ---------------------------------------------------------------- what only the Hopper kernel needs
+// Messages pass numbers as std::to_string: streaming an integer through c10::str (an ostringstream
+// of torch's libstdc++, used with this extension's) crashed with a segfault on the GPU machine.
 
 std::string strides_of(const at::Tensor& t) {
   std::string s = "(";  // plain concatenation: iostreams across the libstdc++ boundary crashed once
@@ -49,12 +51,13 @@ std::string strides_of(const at::Tensor& t) {
 void check_hopper(const char* op, const at::Tensor& t) {
   const auto* prop = at::cuda::getDeviceProperties(t.device().index());
   TORCH_CHECK_VALUE(prop->major == 9, "mla.", op, ": the CUDA kernel needs a Hopper GPU (sm_90); ", t.device().str(),
-                    " is sm_", prop->major, prop->minor);
+                    " is sm_", std::to_string(prop->major) + std::to_string(prop->minor));
 }
 
 void check_batch_limit(const char* op, int64_t batch) {
   const int64_t limit = std::min<int64_t>(max_metadata_batch(), 65535);
-  TORCH_CHECK_VALUE(batch <= limit, "mla.", op, ": the CUDA kernel supports batch <= ", limit, ", got ", batch);
+  TORCH_CHECK_VALUE(batch <= limit, "mla.", op, ": the CUDA kernel supports batch <= ", std::to_string(limit), ", got ",
+                    std::to_string(batch));
 }
 
 // TMA loads: a 16-byte aligned base and strides (in elements of 2 bytes) that are positive
@@ -64,7 +67,7 @@ void check_tma_layout(const char* name, const at::Tensor& t, std::initializer_li
   for (int64_t s : strides) ok = ok && s > 0 && (s * 2) % 16 == 0;
   TORCH_CHECK_VALUE(ok, "mla.decode: the CUDA kernel loads ", name, " by TMA, which needs its strides to be positive ",
                     "multiples of 16 bytes (8 elements) and its data 16-byte aligned; got strides ", strides_of(t),
-                    " and data at byte ", reinterpret_cast<uintptr_t>(t.data_ptr()) % 16, " mod 16");
+                    " and data at byte ", std::to_string(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16), " mod 16");
 }
 
 int64_t num_sm_parts(const at::Tensor& like, int64_t num_q_tokens_per_head_k, int64_t num_heads_k) {
@@ -104,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                    tile_scheduler_metadata, num_splits);
   check_hopper("decode", q);
   TORCH_CHECK_VALUE(q.scalar_type() != at::kFloat, "mla.decode: q must be bfloat16 or float16 on CUDA, got float32");
-  TORCH_CHECK_VALUE(kv_cache.size(1) == kPageSize, "mla.decode: kv_cache must have block_size (size 1) ", kPageSize,
-                    " on CUDA, got ", kv_cache.size(1));
+  TORCH_CHECK_VALUE(kv_cache.size(1) == kPageSize, "mla.decode: kv_cache must have block_size (size 1) ",
+                    std::to_string(kPageSize), " on CUDA, got ", std::to_string(kv_cache.size(1)));
   const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), rows = s_q * h_q;
   check_batch_limit("decode", batch);
   // The kernel reads a sequence's s_q * h_q query rows (row = s * h_q + h) with one row stride;
