@@ -43,6 +43,7 @@ constexpr int kChunks = kHeadDim / kChunkCols;      // 9
 constexpr int kChunkBytes = kChunkCols * 64 * 2;    // 8 KB: 64 rows x 128 B
 constexpr int kPageBytes = kChunks * kChunkBytes;   // 72 KB
 constexpr int kStages = 2;
+constexpr float kMaxSlack = 8.f;  // log2 headroom of the softmax's running max (see the score warpgroup)
 constexpr int kKSteps = kHeadDim / 16;              // 36
 constexpr int kRegsScore = 152, kRegsValue = 176;   // setmaxnreg; 152 + 2 * 176 = 3 * 168
 
@@ -280,7 +281,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h] * p.scale_log2);
+        // The running max moves only when a page's max exceeds it by more than kMaxSlack (log2):
+        // probabilities then stay below 2^kMaxSlack (exact in fp32, in range in bf16 and fp16), and on
+        // most pages no row moves its max, so sc = 1 and the value warpgroups skip O's rescale.
+        const float page_max = mx[h] * p.scale_log2;
+        const float m_new = page_max > m[h] + kMaxSlack ? page_max : m[h];
         m_use[h] = m_new == -INFINITY ? 0.f : m_new;
         sc[h] = exp2f(m[h] - m_use[h]);
         m[h] = m_new;
@@ -410,8 +415,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(bar_pfull + 8 * stage, (g / kStages) & 1);
       if (tid == 128) tl::page(g, tl::kValueIssue);
       const float sc0 = scale_s[stage * 64 + r0], sc1 = scale_s[stage * 64 + r0 + 8];
+      if (__any_sync(0xffffffff, sc0 != 1.f || sc1 != 1.f)) {  // (most pages: no row of the warp moved its max)
 #pragma unroll
-      for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
+        for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
+      }
       wgmma_fence();
       const uint32_t s_stage = s_kv + stage * kPageBytes;
       auto pv_step = [&](int kk) {
