@@ -13,28 +13,15 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/pack.cuh"
 #include "params.h"
 
 namespace mla {
 namespace {
 
 template <typename T>
-__device__ void store4(T* dst, float4 v);
-template <>
-__device__ void store4<__nv_bfloat16>(__nv_bfloat16* dst, float4 v) {
-  __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
-  uint2 u;
-  u.x = *reinterpret_cast<uint32_t*>(&a);
-  u.y = *reinterpret_cast<uint32_t*>(&b);
-  *reinterpret_cast<uint2*>(dst) = u;
-}
-template <>
-__device__ void store4<__half>(__half* dst, float4 v) {
-  __half2 a = __floats2half2_rn(v.x, v.y), b = __floats2half2_rn(v.z, v.w);
-  uint2 u;
-  u.x = *reinterpret_cast<uint32_t*>(&a);
-  u.y = *reinterpret_cast<uint32_t*>(&b);
-  *reinterpret_cast<uint2*>(dst) = u;
+__device__ __forceinline__ void store4(T* dst, float4 v) {
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
 }
 
 __device__ __forceinline__ void fma4(float4& acc, float w, const float4& v) {

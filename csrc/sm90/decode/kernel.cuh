@@ -31,6 +31,7 @@
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <utility>
 
+#include "common/pack.cuh"
 #include "params.h"
 #include "sm90/decode/timeline.cuh"
 #include "sm90/ptx.cuh"
@@ -82,19 +83,6 @@ template <class Atom, int N, size_t... I>
 __device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float (&d)[N], bool accumulate,
                                         std::index_sequence<I...>) {
   Atom::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float a, float b);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
-  __half2 v = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // A 4 x 4 transpose within each quad of lanes (lane % 4 = t): on return a[i] is what quad lane i
