@@ -6,7 +6,7 @@ Otherwise the package installs without it, every op runs through the reference, 
 goes to ``torch_mla/_cuda_build_skipped.txt``, installed with the package so that the first CUDA
 call can say why the kernel is missing. Set ``TORCH_MLA_NO_CUDA=1`` to skip the extension;
 ``TORCH_MLA_TIMELINE=1`` builds the decode kernel with its per-page event clocks (for
-tools/timeline.py; slower, never for use).
+tools/lab/timeline.py; slower, never for use).
 """
 
 import glob
@@ -50,7 +50,7 @@ def _extensions():
     if cutlass is None:
         return [], {}, "the CUTLASS headers were not found (pip install nvidia-cutlass==4.2.0.0 or set CUTLASS_INCLUDE)"
     includes = [os.path.join(ROOT, "csrc"), cutlass, os.path.join(CUDA_HOME, "include", "cccl")]
-    # A measuring build for tools/timeline.py: the decode kernel records per-page event clocks.
+    # A measuring build for tools/lab/timeline.py: the decode kernel records per-page event clocks.
     timeline = ["-DMLA_TIMELINE"] if os.environ.get("TORCH_MLA_TIMELINE", "0") not in ("", "0") else []
     ext = CUDAExtension(
         name="torch_mla._C",

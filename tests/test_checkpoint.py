@@ -31,7 +31,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture
 def folder(saved, tmp_path):
-    """A fresh copy of the saved model, and helpers to change its config and its tensors."""
+    """A fresh copy of the saved model, and functions that change its config and its tensors."""
     path = tmp_path / "ckpt"
     shutil.copytree(saved, path)
 

@@ -3,7 +3,7 @@
 # Usage: tools/gpu_check.sh [tests] [quick|bench] [sanitize] [decoder]
 # Needs the nvidia-cutlass wheel (CUTLASS/CuTe headers) in .whl/ when no CUTLASS_INCLUDE is set.
 # SKIP_BUILD=1: run the steps on the extension already built in the current folder
-# (tools/ab_kernel.sh builds its trees itself, then runs this script's steps in them).
+# (tools/lab/ab_kernel.sh builds its trees itself, then runs this script's steps in them).
 set -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}

@@ -1,4 +1,4 @@
-// Inline-PTX helpers of the sm90 kernels: mbarriers, TMA loads, named barriers, wgmma fences and
+// Inline-PTX wrappers of the sm90 kernels: mbarriers, TMA loads, named barriers, wgmma fences and
 // shared-memory descriptors, register reallocation. Each is one instruction (or a wait loop).
 #pragma once
 

@@ -78,7 +78,7 @@ void launch_decode(const Params& p, cudaStream_t stream) {
 }  // namespace mla
 
 #ifdef MLA_TIMELINE
-// tools/timeline.py reads the kernel's event clocks (timeline.cuh) through these, with ctypes;
+// tools/lab/timeline.py reads the kernel's event clocks (timeline.cuh) through these, with ctypes;
 // they exist only in a measuring build. Return: a cudaError_t (0 = success); size: int64 words.
 extern "C" __attribute__((visibility("default"))) long long mla_timeline_size() {
   return sizeof(mla::sm90::timeline::buffer) / sizeof(long long);

@@ -17,7 +17,7 @@
 // Shared memory: Q (72 KB), two 72 KB KV stages (nine 64 x 64 chunks with 128B swizzle; TMA boxes
 // of 32 rows x one chunk), 1 KB of row factors and the workspace slot of each stage's split,
 // mbarriers per stage: full (TMA bytes), p_full (WG0's 128 threads), empty (WG1/2's 256 threads).
-// fp32 accumulation throughout. docs/kernel-notes.md has each version's measurements.
+// fp32 accumulation throughout. docs/kernel.md explains the schedule and what was measured.
 // (Q in WG0's registers, which would free 72 KB for a third stage, does not fit: WG0 then needs
 // ~210 registers and each value warpgroup 160, over the 3 x 168 the CTA has.)
 

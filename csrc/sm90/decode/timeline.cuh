@@ -1,4 +1,4 @@
-// Per-page event clocks of the decode kernel, for tools/timeline.py (a measuring build only).
+// Per-page event clocks of the decode kernel, for tools/lab/timeline.py (a measuring build only).
 //
 // Built with -DMLA_TIMELINE (`TORCH_MLA_TIMELINE=1 python setup.py build_ext --inplace`): one
 // thread of each role writes clock64() at fixed points of every page into a device buffer, for
