@@ -17,7 +17,7 @@ import warnings
 from . import flash_mla, ops, reference
 from .flash_mla import flash_mla_with_kvcache
 from .flash_mla import get_mla_metadata_tensors as get_mla_metadata
-from .ops import decode, get_metadata, write_cache
+from .ops import decode, dequantize_fp8, get_metadata, quantize_fp8, write_cache
 
 __version__ = "0.1.0"
 
@@ -89,6 +89,8 @@ __all__ = [
     "decode",
     "get_metadata",
     "write_cache",
+    "quantize_fp8",
+    "dequantize_fp8",
     "flash_mla",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
