@@ -220,7 +220,7 @@ def check_decode_args(
     _check_dtype(op, "q", q, _DTYPES + (FP8,))
     if q.dtype == FP8 and kv_cache.dtype != FP8:
         _fail(op, f"q is float8_e4m3fn, so kv_cache must be float8_e4m3fn too, got {_dtype_name(kv_cache.dtype)}")
-    _check_dtype(op, "kv_cache", kv_cache, (q.dtype, FP8) if q.dtype != FP8 else FP8)
+    _check_dtype(op, "kv_cache", kv_cache, (q.dtype, FP8))
     _check_scale_pairing(op, "q", q, "descale_q", descale_q)
     _check_scale_pairing(op, "kv_cache", kv_cache, "descale_k", descale_k)
     _check_dtype(op, "block_table", block_table, torch.int32)
