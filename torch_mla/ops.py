@@ -51,6 +51,8 @@ from . import reference
 __all__ = [
     "FP8",
     "FP8_MAX",
+    "FP8_OUT_RTOL",
+    "FP8_LSE_ATOL",
     "HEAD_DIM",
     "HEAD_DIM_V",
     "ROPE_DIM",
