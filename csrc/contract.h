@@ -57,6 +57,13 @@ template <typename... Args>
 
 inline bool unit_last_stride(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1; }
 inline bool float_dtype(at::ScalarType s) { return s == at::kBFloat16 || s == at::kHalf || s == at::kFloat; }
+inline bool fp8_dtype(at::ScalarType s) { return s == at::ScalarType::Float8_e4m3fn; }
+// ops._check_scale_pairing: an e4m3 tensor comes with its scale (float32, one element, shape [1]
+// or []), any other dtype with none.
+inline bool scale_ok(const at::Tensor& data, const std::optional<at::Tensor>& scale) {
+  if (fp8_dtype(data.scalar_type()) != scale.has_value()) return false;
+  return !scale || (scale->dim() <= 1 && scale->numel() == 1 && scale->scalar_type() == at::kFloat);
+}
 inline bool no_grad(std::initializer_list<const at::Tensor*> tensors) {
   if (!c10::GradMode::is_enabled()) return true;
   for (const at::Tensor* t : tensors)
@@ -67,15 +74,20 @@ inline bool no_grad(std::initializer_list<const at::Tensor*> tensors) {
 // True exactly when ops.check_decode_args passes.
 inline bool decode_args_ok(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
                     const at::Tensor& cache_seqlens, int64_t head_dim_v, std::optional<double> softmax_scale,
-                    const std::optional<at::Tensor>& metadata, const std::optional<at::Tensor>& num_splits) {
+                    const std::optional<at::Tensor>& metadata, const std::optional<at::Tensor>& num_splits,
+                    const std::optional<at::Tensor>& descale_q, const std::optional<at::Tensor>& descale_k) {
   const at::Device device = q.device();
   if (kv_cache.device() != device || block_table.device() != device || cache_seqlens.device() != device ||
-      (metadata && metadata->device() != device) || (num_splits && num_splits->device() != device))
+      (metadata && metadata->device() != device) || (num_splits && num_splits->device() != device) ||
+      (descale_q && descale_q->device() != device) || (descale_k && descale_k->device() != device))
     return false;
   if (q.dim() != 4 || kv_cache.dim() != 4 || block_table.dim() != 2 || cache_seqlens.dim() != 1) return false;
-  if (!float_dtype(q.scalar_type()) || kv_cache.scalar_type() != q.scalar_type() ||
+  // q: a float dtype or e4m3; kv_cache: q's dtype or e4m3 (so an e4m3 q reads an e4m3 cache).
+  const auto q_dtype = q.scalar_type(), kv_dtype = kv_cache.scalar_type();
+  if (!(float_dtype(q_dtype) || fp8_dtype(q_dtype)) || !(kv_dtype == q_dtype || fp8_dtype(kv_dtype)) ||
       block_table.scalar_type() != at::kInt || cache_seqlens.scalar_type() != at::kInt)
     return false;
+  if (!scale_ok(q, descale_q) || !scale_ok(kv_cache, descale_k)) return false;
   if (q.size(3) != kHeadDim || kv_cache.size(3) != kHeadDim || kv_cache.size(2) != 1 || head_dim_v != kHeadDimV)
     return false;
   if (q.size(1) < 1 || q.size(2) < 1 || kv_cache.size(1) < 1) return false;
@@ -91,7 +103,8 @@ inline bool decode_args_ok(const at::Tensor& q, const at::Tensor& kv_cache, cons
     if (num_splits->dim() != 1 || num_splits->scalar_type() != at::kInt || num_splits->size(0) != batch + 1) return false;
     if (!metadata->is_contiguous() || !num_splits->is_contiguous()) return false;
   }
-  return no_grad({&q, &kv_cache});
+  if (!no_grad({&q, &kv_cache})) return false;
+  return (!descale_q || no_grad({&*descale_q})) && (!descale_k || no_grad({&*descale_k}));
 }
 
 // True exactly when ops.check_get_metadata_args passes.
@@ -102,20 +115,26 @@ inline bool get_metadata_args_ok(const at::Tensor& cache_seqlens, int64_t num_q_
 
 // True exactly when ops.check_write_cache_args passes.
 inline bool write_cache_args_ok(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tensor& kv_cache,
-                         const at::Tensor& slot_mapping) {
+                         const at::Tensor& slot_mapping, const std::optional<at::Tensor>& scale) {
   const at::Device device = kv_cache.device();
-  if (kv_c.device() != device || k_pe.device() != device || slot_mapping.device() != device) return false;
+  if (kv_c.device() != device || k_pe.device() != device || slot_mapping.device() != device ||
+      (scale && scale->device() != device))
+    return false;
   if (kv_c.dim() != 2 || k_pe.dim() != 2 || kv_cache.dim() != 4 || slot_mapping.dim() != 1) return false;
+  // A float cache takes rows of its dtype; an e4m3 cache rows of any float dtype (quantized on write).
   const auto dtype = kv_cache.scalar_type();
-  if (!float_dtype(dtype) || kv_c.scalar_type() != dtype || k_pe.scalar_type() != dtype ||
+  const bool fp8 = fp8_dtype(dtype);
+  if (!(float_dtype(dtype) || fp8) || !(fp8 ? float_dtype(kv_c.scalar_type()) : kv_c.scalar_type() == dtype) ||
+      k_pe.scalar_type() != kv_c.scalar_type() ||
       (slot_mapping.scalar_type() != at::kInt && slot_mapping.scalar_type() != at::kLong))
     return false;
+  if (!scale_ok(kv_cache, scale)) return false;
   if (kv_c.size(1) != kHeadDimV || k_pe.size(1) != kHeadDim - kHeadDimV || kv_cache.size(3) != kHeadDim ||
       kv_cache.size(2) != 1 || k_pe.size(0) != kv_c.size(0) || slot_mapping.size(0) != kv_c.size(0))
     return false;
   if (!unit_last_stride(kv_c) || !unit_last_stride(k_pe) || !unit_last_stride(kv_cache) || !slot_mapping.is_contiguous())
     return false;
-  return no_grad({&kv_c, &k_pe, &kv_cache});
+  return no_grad({&kv_c, &k_pe, &kv_cache}) && (!scale || no_grad({&*scale}));
 }
 
 }  // namespace mla

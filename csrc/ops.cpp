@@ -100,11 +100,18 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                                                const at::Tensor& cache_seqlens, int64_t head_dim_v,
                                                std::optional<double> softmax_scale, bool causal,
                                                const std::optional<at::Tensor>& tile_scheduler_metadata,
-                                               const std::optional<at::Tensor>& num_splits) {
+                                               const std::optional<at::Tensor>& num_splits,
+                                               const std::optional<at::Tensor>& descale_q,
+                                               const std::optional<at::Tensor>& descale_k) {
   if (!decode_args_ok(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, tile_scheduler_metadata,
-                      num_splits))
+                      num_splits, descale_q, descale_k))
     contract_error("decode", "check_decode_args", q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
-                   tile_scheduler_metadata, num_splits);
+                   tile_scheduler_metadata, num_splits, descale_q, descale_k);
+  // An e4m3 q comes only with an e4m3 cache (ops.py), so this covers both.
+  TORCH_CHECK_VALUE(!fp8_dtype(kv_cache.scalar_type()),
+                    "mla.decode: the CUDA kernel does not read float8_e4m3fn caches yet; an FP8 kv_cache (and an "
+                    "FP8 q) is decoded by the CPU reference only: move the inputs to the CPU, or keep a bfloat16 or "
+                    "float16 cache on CUDA");
   check_hopper("decode", q);
   TORCH_CHECK_VALUE(q.scalar_type() != at::kFloat, "mla.decode: q must be bfloat16 or float16 on CUDA, got float32");
   TORCH_CHECK_VALUE(kv_cache.size(1) == kPageSize, "mla.decode: kv_cache must have block_size (size 1) ",
@@ -185,9 +192,14 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
-void write_cache_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tensor& kv_cache, const at::Tensor& slot_mapping) {
-  if (!write_cache_args_ok(kv_c, k_pe, kv_cache, slot_mapping))
-    contract_error("write_cache", "check_write_cache_args", kv_c, k_pe, kv_cache, slot_mapping);
+void write_cache_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::Tensor& kv_cache, const at::Tensor& slot_mapping,
+                      const std::optional<at::Tensor>& scale) {
+  if (!write_cache_args_ok(kv_c, k_pe, kv_cache, slot_mapping, scale))
+    contract_error("write_cache", "check_write_cache_args", kv_c, k_pe, kv_cache, slot_mapping, scale);
+  TORCH_CHECK_VALUE(!fp8_dtype(kv_cache.scalar_type()),
+                    "mla.write_cache: the CUDA kernel does not write float8_e4m3fn caches yet; an FP8 kv_cache is "
+                    "written by the CPU reference only: keep it on the CPU, or keep a bfloat16 or float16 cache on "
+                    "CUDA");
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (value_checks_due(stream)) call_ops("check_write_cache_values", kv_cache, slot_mapping);

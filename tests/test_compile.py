@@ -43,3 +43,27 @@ def test_compiled_step_matches_eager_without_recompiling():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         # the cache write happened in the compiled graph too
         assert torch.equal(compiled_args[1].nan_to_num(7.0), eager_args[1].nan_to_num(7.0))
+
+
+def fp8_decode_step(q, kv_cache, block_table, cache_seqlens, kv_c, k_pe, slot_mapping, scale):
+    """The step over an FP8 cache: quantize the new token on write, attend over the dequantized cache."""
+    torch.ops.mla.write_cache(kv_c, k_pe, kv_cache, slot_mapping, scale)
+    metadata, num_splits = torch.ops.mla.get_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1)
+    return torch.ops.mla.decode(q, kv_cache, block_table, cache_seqlens, HEAD_DIM_V, 0.07, True, metadata, num_splits,
+                                None, scale)
+
+
+def test_compiled_fp8_step_matches_eager_without_recompiling():
+    torch._dynamo.reset()
+    compiled = torch.compile(fp8_decode_step, fullgraph=True, dynamic=True)
+    scale = torch.tensor([0.02])
+    for i, seqlens in enumerate([[5, 70], [1, 64, 130], [200, 3, 65, 9, 12]]):
+        q, kv_cache, *rest = step_inputs(seqlens, seed=i)
+        kv_cache = torch_mla.quantize_fp8(kv_cache, scale)
+        eager_args = [q, kv_cache, *rest, scale]
+        compiled_args = [t.clone() for t in eager_args]
+        expected = fp8_decode_step(*eager_args)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(*compiled_args)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert torch.equal(compiled_args[1].view(torch.uint8), eager_args[1].view(torch.uint8))

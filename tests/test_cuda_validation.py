@@ -15,9 +15,10 @@ import torch
 import torch_mla
 from torch_mla import ops
 from torch_mla.ops import HEAD_DIM
-from test_validation import DECODE_CASES, call_decode, valid_decode_args
+from test_validation import DECODE_CASES, SCALE, call_decode, valid_decode_args
 
 pytestmark = pytest.mark.gpu
+FP8 = torch.float8_e4m3fn
 
 
 def _cuda_args():
@@ -27,7 +28,8 @@ def _cuda_args():
 def _python_message(a):
     with pytest.raises(ValueError) as info:
         ops.check_decode_args(a["q"], a["kv_cache"], a["block_table"], a["cache_seqlens"], a.get("head_dim_v", 512),
-                              a.get("softmax_scale"), a.get("tile_scheduler_metadata"), a.get("num_splits"))
+                              a.get("softmax_scale"), a.get("tile_scheduler_metadata"), a.get("num_splits"),
+                              a.get("descale_q"), a.get("descale_k"))
     return str(info.value)
 
 
@@ -35,6 +37,7 @@ CUDA_CASES = dict(DECODE_CASES)
 CUDA_CASES["devices mixed"] = (lambda a: {**a, "block_table": a["block_table"].cpu()}, "block_table is on cpu but q is on cuda")
 CUDA_CASES["nan scale"] = (lambda a: {**a, "softmax_scale": float("nan")}, "softmax_scale must be a positive finite number, got nan")
 CUDA_CASES["tiny scale"] = (lambda a: {**a, "softmax_scale": -1e-05}, "got -1e-05")
+CUDA_CASES["descale_k elsewhere"] = (DECODE_CASES["descale_k elsewhere"][0], "descale_k is on meta but q is on cuda")
 
 
 @pytest.mark.parametrize("case", list(CUDA_CASES))
@@ -44,9 +47,9 @@ def test_cuda_and_compiled_error_messages_equal_python_message(case):
     assert torch_mla.has_cuda_kernel()
     break_args, fragment = CUDA_CASES[case]
     args = break_args(_cuda_args())
-    # metadata given in a case lives on the CPU: move it next to q
-    for k in ("tile_scheduler_metadata", "num_splits"):
-        if args.get(k) is not None:
+    # metadata and scales given in a case live on the CPU: move them next to q
+    for k in ("tile_scheduler_metadata", "num_splits", "descale_q", "descale_k"):
+        if args.get(k) is not None and args[k].device.type == "cpu":
             args[k] = args[k].cuda()
     expected = _python_message(args)
     assert fragment in expected
@@ -103,7 +106,10 @@ def test_cuda_get_metadata_and_write_cache_messages_equal_python():
                 slot_mapping=torch.tensor([0, 1]))
     bad = [dict(kv_c=torch.randn(2, 500)), dict(k_pe=torch.randn(2, 32)), dict(kv_c=torch.randn(2, 512).half()),
            dict(slot_mapping=torch.tensor([0.0, 1.0])), dict(slot_mapping=torch.tensor([0, 1, 2])),
-           dict(kv_cache=torch.zeros(2, 64, HEAD_DIM)), dict(kv_c=torch.randn(2, 512, requires_grad=True))]
+           dict(kv_cache=torch.zeros(2, 64, HEAD_DIM)), dict(kv_c=torch.randn(2, 512, requires_grad=True)),
+           dict(kv_cache=torch.zeros(2, 64, 1, HEAD_DIM, dtype=FP8)), dict(scale=SCALE),
+           dict(kv_cache=torch.zeros(2, 64, 1, HEAD_DIM, dtype=FP8), scale=torch.ones(2)),
+           dict(kv_cache=torch.zeros(2, 64, 1, HEAD_DIM, dtype=FP8), scale=SCALE, kv_c=torch.randn(2, 512).half())]
     for change in bad:
         args = {k: v.cuda() for k, v in {**base, **change}.items()}
         if change.get("kv_c") is not None and change["kv_c"].requires_grad:
@@ -121,5 +127,26 @@ def _assert_write_cache_messages_equal(args):
     with pytest.raises(ValueError) as py:
         ops.check_write_cache_args(**args)
     with pytest.raises(ValueError) as cu:
-        torch.ops.mla.write_cache(args["kv_c"], args["k_pe"], args["kv_cache"], args["slot_mapping"])
+        torch.ops.mla.write_cache(args["kv_c"], args["k_pe"], args["kv_cache"], args["slot_mapping"], args.get("scale"))
     assert str(cu.value) == str(py.value)
+
+
+def test_cuda_kernel_refuses_an_fp8_cache_or_query_by_name():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert torch_mla.has_cuda_kernel()
+    a = _cuda_args()
+    scale = SCALE.cuda()
+    message = "mla.decode: the CUDA kernel does not read float8_e4m3fn caches yet"
+    fp8_cache = {**a, "kv_cache": a["kv_cache"].to(FP8), "descale_k": scale}
+    for args in (fp8_cache, {**fp8_cache, "q": a["q"].to(FP8), "descale_q": scale}):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call_decode(**args)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=re.escape(message)):
+            torch.compile(call_decode, fullgraph=True, backend="eager")(**args)
+    kv_cache = torch.zeros(2, 64, 1, HEAD_DIM, dtype=FP8, device="cuda")
+    with pytest.raises(ValueError, match=re.escape("mla.write_cache: the CUDA kernel does not write float8_e4m3fn caches yet")):
+        torch_mla.write_cache(torch.randn(2, 512, device="cuda"), torch.randn(2, 64, device="cuda"), kv_cache,
+                              torch.tensor([0, 1], device="cuda"), scale=scale)
+    assert (kv_cache.view(torch.uint8) == 0).all()

@@ -2,15 +2,18 @@
 
 The calls are written as these files write them (positions and keywords), at these commits:
 - vLLM vllm/v1/attention/backends/mla/flashmla.py @ 01b1d34 (FlashMLA's 2026 interface: a
-  scheduler object) and vllm/v1/attention/ops/flashmla.py @ 055e47c (the FP8 entry point);
+  scheduler object; the FP8 cache through flash_mla_with_kvcache_fp8 with descale_q /
+  descale_k of shape [1]) and vllm/v1/attention/ops/flashmla.py @ 055e47c (the FP8 entry point);
 - SGLang python/sglang/srt/layers/attention/flashmla_backend.py @ 3d7da5a (FlashMLA's 2025
-  interface: metadata tensors), and sgl_kernel.flash_mla's `is_fp8_kvcache=` keyword;
+  interface: metadata tensors; its FP8 branch: q quantized with layer.k_scale, descale_q =
+  descale_k = layer.k_scale.reshape(1)), and sgl_kernel.flash_mla's `is_fp8_kvcache=` keyword;
 - FlashMLA tests/test_flash_mla_dense_decoding.py @ 9241ae3 (its own call of both).
 Each result is compared with torch_mla.decode on the same inputs (the CPU ignores the plan, so
 equal means equal), or with the float64 oracle where the compat layer computes (attn_sink).
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -126,40 +129,134 @@ def test_vllm_fp8_entry_point_without_descales_matches_decode():
     assert_same(got, torch_mla.decode(q, kv, bt, lens, softmax_scale=0.1, causal=True))
 
 
-def test_vllm_fp8_entry_point_with_descales_is_not_implemented():
-    q, kv, bt, lens = inputs([100, 5])
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_inputs(seqlens, s_q=1, h_q=16, k_scale=0.02, q_scale=0.05, seed=0):
+    """An e4m3 cache and query (quantized from bf16 ones) with their [1] float32 scales."""
+    q, kv, bt, lens = inputs(seqlens, s_q=s_q, h_q=h_q, seed=seed)
+    k_scale, q_scale = torch.tensor([k_scale]), torch.tensor([q_scale])
+    return torch_mla.quantize_fp8(q, q_scale), torch_mla.quantize_fp8(kv, k_scale), bt, lens, q_scale, k_scale
+
+
+def test_vllm_fp8_decode_matches_decode():
+    s_q, num_q_heads, scale = 2, 16, 0.1
+    q, kv, block_table, seq_lens, q_scale, k_scale = fp8_inputs([130, 7, 64], s_q=s_q, h_q=num_q_heads)
+    layer = SimpleNamespace(_q_scale=q_scale.reshape(()), _k_scale=k_scale.reshape(()))  # vLLM keeps 0-d scales
+    # FlashMLAMetadataBuilder._build_decode with is_fp8_kvcache
+    num_q_tokens_per_head_k = s_q * num_q_heads // 1
+    scheduler_metadata, _ = flash_mla.get_mla_metadata(seq_lens, num_q_tokens_per_head_k, 1, is_fp8_kvcache=True)
+    tile_scheduler_metadata, num_splits = flash_mla.get_mla_metadata_dense_fp8(seq_lens, num_q_tokens_per_head_k, 1)
+    scheduler_metadata.tile_scheduler_metadata = tile_scheduler_metadata
+    scheduler_metadata.num_splits = num_splits
+    kv_c_and_k_pe_cache = kv.squeeze(2)
+    # FlashMLAImpl._forward_decode, kv_cache_dtype "fp8"
+    o, lse = flash_mla.flash_mla_with_kvcache_fp8(
+        q=q,
+        k_cache=kv_c_and_k_pe_cache.unsqueeze(-2),  # Add head dim of 1
+        block_table=block_table,
+        cache_seqlens=seq_lens,
+        head_dim_v=KV_LORA_RANK,
+        tile_scheduler_metadata=scheduler_metadata.tile_scheduler_metadata,
+        num_splits=scheduler_metadata.num_splits,
+        softmax_scale=scale,
+        causal=True,
+        descale_q=layer._q_scale.reshape(1),
+        descale_k=layer._k_scale.reshape(1),
+    )
+    assert o.dtype == torch.bfloat16  # as vLLM's FP8 FlashMLA returns
+    assert_same((o, lse), torch_mla.decode(q, kv, block_table, seq_lens, softmax_scale=scale, causal=True,
+                                           descale_q=q_scale, descale_k=k_scale))
+
+
+def test_sglang_fp8_decode_matches_decode():
+    from torch_mla import flash_mla_with_kvcache, get_mla_metadata
+
+    Q_LEN, num_q_heads, scaling = 1, 16, 0.08
+    q, k_cache, block_kv_indices, seq_lens = inputs([200, 64, 0, 3], h_q=num_q_heads)
+    k_scale = torch.tensor([0.03])
+    k_cache = torch_mla.quantize_fp8(k_cache, k_scale)  # SGLang's set_kv_buffer, kv_cache_dtype fp8_e4m3
+    layer = SimpleNamespace(k_scale=k_scale, scaling=scaling)
+    mla_metadata, num_splits = get_mla_metadata(seq_lens.to(torch.int32), Q_LEN * num_q_heads, 1, is_fp8_kvcache=True)
+    # FlashMLABackend.forward_decode, is_fp8_kvcache
+    reshape_q = q.view(4, -1, num_q_heads, 576)
+    q_scale = layer.k_scale
+    descale_q = layer.k_scale.reshape(1)
+    descale_k = layer.k_scale.reshape(1)
+    q_shape = reshape_q.shape
+    reshape_q_fp8 = torch_mla.quantize_fp8(reshape_q.reshape(-1, q_shape[-1]), q_scale).reshape(q_shape)  # scaled_fp8_quant
+    o, _ = flash_mla_with_kvcache(
+        q=reshape_q_fp8,
+        k_cache=k_cache.view(-1, PAGE_SIZE, 1, 576),
+        block_table=block_kv_indices[:4],
+        cache_seqlens=seq_lens.to(torch.int32),
+        head_dim_v=KV_LORA_RANK,
+        tile_scheduler_metadata=mla_metadata,
+        num_splits=num_splits,
+        softmax_scale=layer.scaling,
+        causal=True,
+        descale_q=descale_q,
+        descale_k=descale_k,
+    )
+    expected = torch_mla.decode(reshape_q_fp8, k_cache, block_kv_indices, seq_lens, softmax_scale=scaling,
+                                causal=True, descale_q=descale_q, descale_k=descale_k)[0]
+    assert torch.equal(o, expected)
+
+
+def test_flashmla_scheduler_object_with_an_fp8_cache_and_bf16_query():
+    q, kv, bt, lens = inputs([300, 2, 65], s_q=2, h_q=32)
+    k_scale = torch.tensor([0.02])
+    kv8 = torch_mla.quantize_fp8(kv, k_scale)
+    sched, _ = flash_mla.get_mla_metadata()
+    out, lse = flash_mla.flash_mla_with_kvcache(q, kv8, bt, lens, 512, sched, None, causal=True, is_fp8_kvcache=True,
+                                                descale_k=k_scale)
+    assert sched.config.is_fp8_kvcache and out.dtype == torch.bfloat16
+    assert_same((out, lse), torch_mla.decode(q, kv8, bt, lens, causal=True, descale_k=k_scale))
+    with pytest.raises(ValueError, match="planned for is_fp8_kvcache=True"):  # one plan, one cache kind
+        flash_mla.flash_mla_with_kvcache(q, kv, bt, lens, 512, sched, None, causal=True)
+
+
+@pytest.mark.parametrize("planner", [flash_mla.get_mla_metadata_tensors, flash_mla.get_mla_metadata_dense_fp8])
+def test_fp8_plans_are_the_plans_of_the_lengths(planner):
+    lens = torch.tensor([10, 300, 0], dtype=torch.int32)
+    kwargs = dict(is_fp8_kvcache=True) if planner is flash_mla.get_mla_metadata_tensors else {}
+    got = planner(lens, 16, 1, **kwargs)
+    assert_same(got, torch_mla.get_metadata(lens, 16, 1))
+
+
+def test_flashmla_own_fp8_format_is_not_implemented():
+    q, kv, bt, lens = inputs([70, 3])
+    flashmla_fp8 = torch.zeros(kv.shape[0], PAGE_SIZE, 1, 656, dtype=torch.uint8)  # 512 e4m3 + 4 scales + 64 bf16
+    with pytest.raises(NotImplementedError, match="FlashMLA's FP8 rows .656 bytes, per-tile scales inside. are not implemented"):
+        flash_mla.flash_mla_with_kvcache(q, flashmla_fp8, bt, lens, 512, None, is_fp8_kvcache=True)
+
+
+def test_fp8_arguments_break_decode_rules_by_name():
+    q, kv, bt, lens = inputs([70, 3])
+    with pytest.raises(ValueError, match="kv_cache is float8_e4m3fn, so descale_k"):
+        flash_mla.flash_mla_with_kvcache(q, kv.to(FP8), bt, lens, 512, None, is_fp8_kvcache=True)
     md, ns = flash_mla.get_mla_metadata_dense_fp8(lens, 16, 1)
-    scale = torch.ones(())
-    with pytest.raises(NotImplementedError, match="descale_q"):
-        flash_mla.flash_mla_with_kvcache_fp8(q=q, k_cache=kv, block_table=bt, cache_seqlens=lens, head_dim_v=512,
-                                             tile_scheduler_metadata=md, num_splits=ns, softmax_scale=0.1,
-                                             causal=True, descale_q=scale.reshape(1), descale_k=scale.reshape(1))
+    with pytest.raises(ValueError, match="descale_q is given but q is bfloat16"):  # vLLM quantizes q first
+        flash_mla.flash_mla_with_kvcache_fp8(q, kv.to(FP8), bt, lens, 512, md, ns, descale_q=torch.ones(1),
+                                             descale_k=torch.ones(1))
 
 
 @pytest.mark.parametrize("planner", [flash_mla.get_mla_metadata, flash_mla.get_mla_metadata_tensors])
-@pytest.mark.parametrize("kwargs, named", [(dict(is_fp8_kvcache=True), "is_fp8_kvcache"), (dict(topk=2048), "topk")])
-def test_metadata_for_fp8_or_sparse_is_not_implemented(planner, kwargs, named):
+def test_metadata_for_sparse_is_not_implemented(planner):
     lens = torch.tensor([10], dtype=torch.int32)
-    with pytest.raises(NotImplementedError, match=named):
-        planner(lens, 16, 1, 16, **kwargs)
+    with pytest.raises(NotImplementedError, match="topk"):
+        planner(lens, 16, 1, 16, topk=2048)
 
 
-@pytest.mark.parametrize("name", ["is_fp8_kvcache", "indices", "extra_k_cache", "extra_indices_in_kvcache",
-                                  "topk_length", "extra_topk_length"])
-def test_fp8_and_sparse_arguments_are_not_implemented(name):
+@pytest.mark.parametrize("name", ["indices", "extra_k_cache", "extra_indices_in_kvcache", "topk_length",
+                                  "extra_topk_length"])
+def test_sparse_arguments_are_not_implemented(name):
     q, kv, bt, lens = inputs([70, 3])
-    value = True if name == "is_fp8_kvcache" else torch.zeros(2, 1, 64, dtype=torch.int32)
+    value = torch.zeros(2, 1, 64, dtype=torch.int32)
     sched, _ = flash_mla.get_mla_metadata()
     with pytest.raises(NotImplementedError, match=name):
         flash_mla.flash_mla_with_kvcache(q, kv, bt, lens, 512, sched, **{name: value})
     assert not sched.have_initialized
-
-
-@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="torch without float8")
-def test_fp8_k_cache_is_not_implemented():
-    q, kv, bt, lens = inputs([70, 3])
-    with pytest.raises(NotImplementedError, match="k_cache of dtype float8_e4m3fn"):
-        flash_mla.flash_mla_with_kvcache(q, kv.to(torch.float8_e4m3fn), bt, lens, 512, None)
 
 
 def test_num_splits_beside_a_scheduler_object_is_an_error():

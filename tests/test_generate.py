@@ -100,6 +100,13 @@ def test_cli_says_what_ran_and_reports_the_figures(tmp_path):
     assert all(record[k] > 0 for k in ("ttft_ms", "prefill_tokens_per_s", "decode_ms_per_step", "decode_tokens_per_s"))
 
 
+def test_cli_runs_over_an_fp8_cache_and_says_so(tmp_path):
+    out = run_cli("--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--prompt-len", "8",
+                  "--max-new-tokens", "3", "--kv-cache-dtype", "fp8", "--json", str(tmp_path / "run.json"))
+    assert "fp8 KV cache (float8_e4m3fn, scale 1.0)" in out and "[1] 8 prompt tokens -> 3 new tokens" in out
+    assert json.loads((tmp_path / "run.json").read_text())["kv_cache_dtype"] == "float8_e4m3fn"
+
+
 def test_tokens_per_s_counts_only_tokens_generated_before_eos(model):
     free = eager(model).generate(PROMPTS, 12).tokens
     eos = free[0][2]  # row 0 stops after its third token

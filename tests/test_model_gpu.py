@@ -48,7 +48,8 @@ class CheckEveryMlaCall(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def check_decode(self, out, lse, q, kv_cache, block_table, cache_seqlens, head_dim_v=512, softmax_scale=None,
-                     causal=False, tile_scheduler_metadata=None, num_splits=None):
+                     causal=False, tile_scheduler_metadata=None, num_splits=None, descale_q=None, descale_k=None):
+        assert descale_q is None and descale_k is None, "a bf16 generation passes no FP8 scales"
         b, s_q, h_q, _ = q.shape
         self.decode_calls.append((b, s_q, h_q, bool(causal and s_q > 1)))
         scale = 576 ** -0.5 if softmax_scale is None else softmax_scale
@@ -63,7 +64,8 @@ class CheckEveryMlaCall(TorchDispatchMode):
             assert err <= OUT_REL, f"decode call {self.decode_calls[-1]}, row {row} (len {length}): rel error {err:.2e}"
             torch.testing.assert_close(lse[row], ref_lse[row], rtol=0, atol=LSE_ATOL)
 
-    def check_write(self, kv_c, k_pe, kv_cache, slot_mapping):
+    def check_write(self, kv_c, k_pe, kv_cache, slot_mapping, scale=None):
+        assert scale is None, "a bf16 generation passes no FP8 scale"
         self.write_calls += 1
         keep = slot_mapping >= 0
         rows = kv_cache.view(-1, kv_cache.shape[-1])[slot_mapping[keep].long()]

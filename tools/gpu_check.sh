@@ -22,7 +22,7 @@ cuobjdump -sass "$so" 2>/dev/null | grep -oE "HGMMA\.[0-9x]+\.F32\.[A-Z0-9]+|HMM
 for step in "$@"; do
   case $step in
     tests) python3 -m pytest -q -x tests/test_cuda_decode.py tests/test_cuda_validation.py tests/test_cuda_graph_pattern.py \
-            tests/test_flash_mla_compat.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+            tests/test_flash_mla_compat.py tests/test_cli.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     quick) python3 -m torch_mla.bench --quick --json "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" ;;
     bench) python3 -m torch_mla.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
     sanitize)

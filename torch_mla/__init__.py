@@ -1,7 +1,8 @@
 """torch-mla: Multi-head Latent Attention (MLA) decoding as PyTorch custom ops.
 
 ``import torch_mla`` defines ``torch.ops.mla.decode``, ``torch.ops.mla.get_metadata`` and
-``torch.ops.mla.write_cache`` with their fake impls and CPU (reference) impls, then loads the
+``torch.ops.mla.write_cache`` with their fake impls and CPU (reference) impls (and
+``quantize_fp8`` / ``dequantize_fp8``, the FP8 cache's two conversions), then loads the
 compiled CUDA extension ``torch_mla._C`` when it was built. Without it, CUDA tensors run through
 the same pure-PyTorch reference (correct, about 100x slower): the first such call warns, and
 with ``TORCH_MLA_REQUIRE_CUDA_KERNEL=1`` every such call raises instead.
@@ -17,7 +18,7 @@ import warnings
 from . import flash_mla, ops, reference
 from .flash_mla import flash_mla_with_kvcache
 from .flash_mla import get_mla_metadata_tensors as get_mla_metadata
-from .ops import decode, get_metadata, write_cache
+from .ops import decode, dequantize_fp8, get_metadata, quantize_fp8, write_cache
 
 __version__ = "0.1.0"
 
@@ -89,6 +90,8 @@ __all__ = [
     "decode",
     "get_metadata",
     "write_cache",
+    "quantize_fp8",
+    "dequantize_fp8",
     "flash_mla",
     "flash_mla_with_kvcache",
     "get_mla_metadata",

@@ -24,6 +24,7 @@ import torch
 
 from .cache import BLOCK_SIZE, PagedKVCache, slot_mapping
 from .models.deepseek import Transformer
+from .ops import FP8
 
 BACKENDS = ("inductor", "eager")  # torch.compile backends of the decode step (see the module docstring)
 
@@ -31,16 +32,17 @@ __all__ = ["BACKENDS", "decode_step", "prefill", "sample", "CudaGraphStep", "Gen
 
 
 def decode_step(model: Transformer, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                tokens: torch.Tensor, positions: torch.Tensor, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One token for every row: ``tokens [b]`` int64 at ``positions [b]`` int64 -> logits ``[b, vocab]``.
 
     A row with position -1 is idle (padding): nothing is written, its logits are meaningless.
     Lengths and slots are derived on the device, so the step has static shapes and no host sync.
+    ``kv_scale``: an FP8 cache's ``[1]`` float32 scale (``PagedKVCache.kv_scale``).
     """
     pos = positions[:, None]
     seqlens = torch.where(positions >= 0, positions + 1, 0).to(torch.int32)
     slots = slot_mapping(block_table, pos)
-    return model(tokens[:, None], pos, kv_cache, block_table, seqlens, slots, causal=False)[:, 0]
+    return model(tokens[:, None], pos, kv_cache, block_table, seqlens, slots, causal=False, kv_scale=kv_scale)[:, 0]
 
 
 def prefill(model: Transformer, cache: PagedKVCache, prompts: list[list[int]], chunk_size: int = 512,
@@ -69,7 +71,7 @@ def prefill(model: Transformer, cache: PagedKVCache, prompts: list[list[int]], c
             seqlens = torch.full((len(members),), end, dtype=torch.int32, device=device)
             slots = torch.tensor([cache.slots(r, start, end - start) for r in group_rows], device=device).view(-1)
             logits = model(tokens[:, start:end], positions, cache.kv, table, seqlens, slots,
-                           causal=True, last_only=True)
+                           causal=True, last_only=True, kv_scale=cache.kv_scale)
         last[torch.tensor(members, device=device)] = logits[:, -1]
     return last
 
@@ -109,29 +111,29 @@ class CudaGraphStep:
         self._key = None
 
     def __call__(self, model: Transformer, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                 tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                 tokens: torch.Tensor, positions: torch.Tensor, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         key = (id(model), kv_cache.data_ptr(), kv_cache.shape, block_table.data_ptr(), block_table.shape,
-               tokens.shape, positions.shape)
+               tokens.shape, positions.shape, None if kv_scale is None else kv_scale.data_ptr())
         if key != self._key:
-            self._capture(model, kv_cache, block_table, tokens, positions)
+            self._capture(model, kv_cache, block_table, tokens, positions, kv_scale)
             self._key = key
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.graph.replay()
         return self.logits
 
-    def _capture(self, model, kv_cache, block_table, tokens, positions) -> None:
+    def _capture(self, model, kv_cache, block_table, tokens, positions, kv_scale) -> None:
         self.graph = None
         self.tokens, self.positions = tokens.clone(), positions.clone()
         side = torch.cuda.Stream(device=tokens.device)
         side.wait_stream(torch.cuda.current_stream(tokens.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step(model, kv_cache, block_table, self.tokens, self.positions)
+                self.step(model, kv_cache, block_table, self.tokens, self.positions, kv_scale)
         torch.cuda.current_stream(tokens.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self.step(model, kv_cache, block_table, self.tokens, self.positions)
+            self.logits = self.step(model, kv_cache, block_table, self.tokens, self.positions, kv_scale)
         self.graph = graph
 
 
@@ -220,11 +222,15 @@ class Generator:
         backend: ``torch.compile`` backend of the step: ``"inductor"`` (CUDA graphs through
             ``mode="reduce-overhead"``) or ``"eager"`` (eager's kernels, bit-identical logits;
             CUDA graphs through :class:`CudaGraphStep`).
+        kv_cache_dtype: the cache's dtype: None (the model's) or ``torch.float8_e4m3fn`` (an FP8
+            cache, half the bytes of bf16; its rows are quantized with ``kv_scale``). The CUDA
+            kernel does not read an FP8 cache yet: on CUDA it runs only without the kernel.
+        kv_scale: an FP8 cache's dequantization scale (see :class:`PagedKVCache`).
     """
 
     def __init__(self, model: Transformer, max_batch_size: int, max_seq_len: int, num_blocks: int | None = None,
                  compile: bool = True, cuda_graphs: bool | None = None, prefill_chunk: int = 512,
-                 backend: str = "inductor"):
+                 backend: str = "inductor", kv_cache_dtype: torch.dtype | None = None, kv_scale: float = 1.0):
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -237,10 +243,13 @@ class Generator:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if kv_cache_dtype not in (None, self.dtype, FP8):
+            raise ValueError(f"kv_cache_dtype must be None (the model's {self.dtype}) or torch.float8_e4m3fn, "
+                             f"got {kv_cache_dtype}")
         if num_blocks is None:
             num_blocks = max_batch_size * -(-max_seq_len // BLOCK_SIZE)
         self.cache = PagedKVCache(model.args.n_layers, num_blocks, max_batch_size, max_seq_len,
-                                  dtype=self.dtype, device=self.device)
+                                  dtype=kv_cache_dtype or self.dtype, device=self.device, kv_scale=kv_scale)
         self.prefill_chunk = prefill_chunk
         if cuda_graphs and not compile:
             raise ValueError("cuda_graphs replays the compiled step: it needs compile=True")
@@ -254,6 +263,8 @@ class Generator:
             # Static addresses: CUDA graphs may then mutate / read them in place without copies.
             torch._dynamo.mark_static_address(self.cache.kv)
             torch._dynamo.mark_static_address(self.cache.block_table)
+            if self.cache.kv_scale is not None:
+                torch._dynamo.mark_static_address(self.cache.kv_scale)
             mode = "reduce-overhead" if self.cuda_graphs and backend == "inductor" else None
             self.step = torch.compile(decode_step, fullgraph=True, dynamic=False, backend=backend, mode=mode)
             if self.cuda_graphs and backend != "inductor":
@@ -334,7 +345,7 @@ class Generator:
                 break  # checked every few steps: each check is a host sync
             if self.cuda_graphs and self.backend == "inductor":
                 torch.compiler.cudagraph_mark_step_begin()
-            logits = self.step(self.model, cache.kv, cache.block_table, tokens, positions)[:n]
+            logits = self.step(self.model, cache.kv, cache.block_table, tokens, positions, cache.kv_scale)[:n]
             if record_margins:
                 margins.append(logits.topk(2, dim=-1).values.diff(dim=-1).neg().squeeze(-1))
             next_tokens = sample(logits, temperature, top_p, generator)

@@ -14,9 +14,13 @@ The two are called with the same arguments (vLLM passes ``cache_seqlens, num_q_t
 num_heads_k, is_fp8_kvcache=...`` to both), so one function cannot tell which result its caller
 expects: the import chooses. :func:`flash_mla_with_kvcache` takes either kind of plan.
 
-A FlashMLA feature torch-mla does not have raises ``NotImplementedError`` naming the argument;
-``attn_sink`` is implemented (a scaling of ``out`` after decode). Every call ends in
-:func:`torch_mla.decode`, which holds the argument rules.
+An FP8 cache is torch-mla's: float8_e4m3fn rows of 576 with a per-tensor ``descale_k``, and an
+e4m3 q with ``descale_q``, as vLLM's ``flash_mla_with_kvcache_fp8`` and SGLang's
+``flash_mla_with_kvcache(..., descale_q=, descale_k=)`` pass them (see :func:`torch_mla.decode`).
+A FlashMLA feature torch-mla does not have raises ``NotImplementedError`` naming the argument
+(sparse attention; FlashMLA's own 656-byte FP8 rows with per-tile scales); ``attn_sink`` is
+implemented (a scaling of ``out`` after decode). Every call ends in :func:`torch_mla.decode`,
+which holds the argument rules.
 """
 
 from __future__ import annotations
@@ -36,17 +40,11 @@ __all__ = [
     "flash_mla_with_kvcache_fp8",
 ]
 
-_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                    if hasattr(torch, n))
-
-
 def _not_implemented(fn: str, what: str) -> None:
     raise NotImplementedError(f"{fn}: {what} is not implemented in torch-mla")
 
 
-def _reject_unsupported(fn: str, is_fp8_kvcache: bool = False, topk: int | None = None, **sparse) -> None:
-    if is_fp8_kvcache:
-        _not_implemented(fn, "is_fp8_kvcache=True (an FP8 KV cache)")
+def _reject_unsupported(fn: str, topk: int | None = None, **sparse) -> None:
     if topk is not None:
         _not_implemented(fn, f"topk={topk} (sparse attention)")
     for name, value in sparse.items():
@@ -54,9 +52,13 @@ def _reject_unsupported(fn: str, is_fp8_kvcache: bool = False, topk: int | None 
             _not_implemented(fn, f"{name} (sparse attention)")
 
 
-def _reject_fp8_cache(fn: str, k_cache: torch.Tensor) -> None:
-    if k_cache.dtype in _FP8_DTYPES:
-        _not_implemented(fn, f"k_cache of dtype {str(k_cache.dtype).removeprefix('torch.')} (an FP8 KV cache)")
+def _check_fp8_format(fn: str, k_cache: torch.Tensor, is_fp8_kvcache: bool) -> None:
+    """``is_fp8_kvcache=True`` with anything but an e4m3 cache is FlashMLA's own FP8 layout."""
+    if is_fp8_kvcache and k_cache.dtype != ops.FP8:
+        raise NotImplementedError(
+            f"{fn}: is_fp8_kvcache=True with a k_cache of dtype {str(k_cache.dtype).removeprefix('torch.')} and head "
+            f"dim {k_cache.shape[-1]}: FlashMLA's FP8 rows (656 bytes, per-tile scales inside) are not implemented in "
+            "torch-mla; its FP8 cache is float8_e4m3fn rows of 576 with a per-tensor descale_k")
 
 
 @dataclasses.dataclass
@@ -101,10 +103,10 @@ def get_mla_metadata(
 
     The plan is made by the first :func:`flash_mla_with_kvcache` call, from that call's shapes
     and ``cache_seqlens``; the arguments here are accepted for the callers written for the
-    earlier interface (as FlashMLA does) and do not enter the plan. ``is_fp8_kvcache=True`` and
-    ``topk`` raise ``NotImplementedError``.
+    earlier interface (as FlashMLA does) and do not enter the plan (an FP8 cache has the same
+    plan: it depends only on the lengths). ``topk`` raises ``NotImplementedError``.
     """
-    _reject_unsupported("get_mla_metadata", is_fp8_kvcache, topk)
+    _reject_unsupported("get_mla_metadata", topk)
     return FlashMLASchedMeta(), None
 
 
@@ -124,11 +126,12 @@ def get_mla_metadata_tensors(
             it ``num_heads_per_head_k``).
         num_heads_k: 1 for MLA.
         num_heads_q: accepted; FlashMLA needs it only for sparse attention.
-        is_fp8_kvcache, topk: ``True`` / not None raise ``NotImplementedError``.
+        is_fp8_kvcache: accepted; an FP8 cache has the same plan. topk: not None raises
+            ``NotImplementedError``.
 
     Returns ``[num_sm_parts, 8]`` int32 and ``[batch + 1]`` int32, as :func:`torch_mla.get_metadata`.
     """
-    _reject_unsupported("get_mla_metadata", is_fp8_kvcache, topk)
+    _reject_unsupported("get_mla_metadata", topk)
     return ops.get_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
 
 
@@ -143,7 +146,7 @@ def _plan(sched: FlashMLASchedMeta, q: torch.Tensor, k_cache: torch.Tensor, cach
           causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Plan ``sched`` on its first use; check the shapes against its plan on every later one."""
     config = FlashMLASchedMeta.Config(q.shape[0], q.shape[1], q.shape[2], k_cache.shape[1], k_cache.shape[2],
-                                      causal, False, None, None, None)
+                                      causal, k_cache.dtype == ops.FP8, None, None, None)
     if not sched.have_initialized:
         if sched.tile_scheduler_metadata is None and sched.num_splits is None:
             h_k = k_cache.shape[2]
@@ -194,6 +197,8 @@ def flash_mla_with_kvcache(
     extra_indices_in_kvcache: torch.Tensor | None = None,
     topk_length: torch.Tensor | None = None,
     extra_topk_length: torch.Tensor | None = None,
+    descale_q: torch.Tensor | None = None,
+    descale_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashMLA's ``flash_mla_with_kvcache`` (both interfaces) over :func:`torch_mla.decode`.
 
@@ -201,6 +206,11 @@ def flash_mla_with_kvcache(
         q: ``[batch, s_q, h_q, 576]``; k_cache: ``[num_blocks, page_block_size, 1, 576]``;
             block_table: ``[batch, max_blocks_per_seq]`` int32; cache_seqlens: ``[batch]`` int32;
             head_dim_v: 512. Passed to :func:`torch_mla.decode` as they are (views included).
+        descale_q, descale_k: the ``[1]`` float32 scales of an e4m3 q and of an e4m3 k_cache, as
+            SGLang passes them (keywords; ``sgl_kernel.flash_mla``'s FP8 call), for
+            :func:`torch_mla.decode`.
+        is_fp8_kvcache: may say that k_cache is e4m3 (its dtype says it anyway); with any other
+            k_cache (FlashMLA's 656-byte FP8 rows) it raises ``NotImplementedError``.
         tile_scheduler_metadata, num_splits: a :class:`FlashMLASchedMeta` from
             :func:`get_mla_metadata` with ``num_splits=None``, or the two tensors from
             :func:`get_mla_metadata_tensors`, or both None (decode plans for itself).
@@ -208,18 +218,18 @@ def flash_mla_with_kvcache(
         attn_sink: ``[h_q]`` float32 or None: ``out`` is scaled by
             ``exp(lse) / (exp(lse) + exp(attn_sink))`` per head (+inf gives 0, -inf no change);
             ``lse`` is unchanged.
-        is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache, topk_length,
-            extra_topk_length: FP8 and sparse attention; anything but the default raises
-            ``NotImplementedError``.
+        indices, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length: sparse
+            attention; anything but the default raises ``NotImplementedError``.
 
     Returns:
-        ``out [batch, s_q, h_q, 512]`` in q's dtype and ``lse [batch, h_q, s_q]`` float32.
+        ``out [batch, s_q, h_q, 512]`` in q's dtype (bfloat16 for an e4m3 q) and
+        ``lse [batch, h_q, s_q]`` float32.
     """
     fn = "flash_mla_with_kvcache"
-    _reject_unsupported(fn, is_fp8_kvcache, None, indices=indices, extra_k_cache=extra_k_cache,
+    _reject_unsupported(fn, None, indices=indices, extra_k_cache=extra_k_cache,
                         extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
                         extra_topk_length=extra_topk_length)
-    _reject_fp8_cache(fn, k_cache)
+    _check_fp8_format(fn, k_cache, is_fp8_kvcache)
     if block_table is None or cache_seqlens is None:
         raise ValueError(f"{fn}: block_table and cache_seqlens are required (dense attention)")
     if isinstance(tile_scheduler_metadata, FlashMLASchedMeta):
@@ -228,7 +238,7 @@ def flash_mla_with_kvcache(
         tile_scheduler_metadata, num_splits = _plan(tile_scheduler_metadata, q, k_cache, cache_seqlens, causal)
     out, lse = ops.decode(q, k_cache, block_table, cache_seqlens, softmax_scale=softmax_scale, causal=causal,
                           head_dim_v=head_dim_v, tile_scheduler_metadata=tile_scheduler_metadata,
-                          num_splits=num_splits)
+                          num_splits=num_splits, descale_q=descale_q, descale_k=descale_k)
     if attn_sink is not None:
         out = _apply_attn_sink(out, lse, attn_sink)
     return out, lse
@@ -249,14 +259,9 @@ def flash_mla_with_kvcache_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's FP8 entry point (``vllm.v1.attention.ops.flashmla``), same arguments.
 
-    ``descale_q``, ``descale_k`` and an FP8 ``k_cache`` raise ``NotImplementedError``; without
-    them it is :func:`flash_mla_with_kvcache` with tensor plans.
+    vLLM passes an e4m3 q and k_cache with ``descale_q=layer._q_scale.reshape(1)`` and
+    ``descale_k=layer._k_scale.reshape(1)``; out is bfloat16 then. It is
+    :func:`flash_mla_with_kvcache` with tensor plans and these scales.
     """
-    fn = "flash_mla_with_kvcache_fp8"
-    if descale_q is not None:
-        _not_implemented(fn, "descale_q (an FP8 query)")
-    if descale_k is not None:
-        _not_implemented(fn, "descale_k (an FP8 KV cache)")
-    _reject_fp8_cache(fn, k_cache)
     return flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                                  num_splits, softmax_scale, causal)
+                                  num_splits, softmax_scale, causal, descale_q=descale_q, descale_k=descale_k)

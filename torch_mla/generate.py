@@ -25,6 +25,7 @@ from .models.deepseek import PRESETS, ModelArgs, Transformer, describe
 __all__ = ["main", "add_model_options", "resolve", "build_model", "Plan"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "fp8")  # vLLM's words: the model's dtype, or float8_e4m3fn
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,6 +280,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="with --compile on CUDA: replay the step as a CUDA graph (default on)")
     ap.add_argument("--backend", choices=BACKENDS, help="with --compile: inductor (fused kernels, fastest; the "
                     "default) or eager (eager's kernels: bit-identical logits, eager's greedy tokens)")
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                    help="auto: the model's dtype; fp8: float8_e4m3fn rows with one scale (1.0), half of bf16's "
+                         "bytes (the CPU reference only: the CUDA kernel does not read FP8 caches yet)")
     return ap
 
 
@@ -298,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.temperature == 0 and opts.top_p != 1:
         print("warning: --top-p has no effect with greedy decoding (--temperature 0)", file=sys.stderr)
     plan = resolve(ap, opts)
+    fp8_cache = opts.kv_cache_dtype == "fp8"
+    if fp8_cache and plan.device.type == "cuda" and kernel_name(plan.device) == "the CUDA kernel":
+        ap.error("--kv-cache-dtype fp8: the CUDA kernel does not read float8_e4m3fn caches yet; use --device cpu")
 
     print(f"model: {plan.weights}; {describe(plan.args)}")
     try:
@@ -305,9 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         ap.error(f"--checkpoint {plan.checkpoint}: {e}")
     gen = Generator(model, len(plan.prompts), plan.max_seq_len, compile=compile_, cuda_graphs=opts.cuda_graphs,
-                    prefill_chunk=opts.prefill_chunk, backend=opts.backend or "inductor")
+                    prefill_chunk=opts.prefill_chunk, backend=opts.backend or "inductor",
+                    kv_cache_dtype=torch.float8_e4m3fn if fp8_cache else None)
+    cache_note = ", fp8 KV cache (float8_e4m3fn, scale 1.0)" if fp8_cache else ""
     print(f"running: {plan.device}, {str(plan.dtype).removeprefix('torch.')}, decode step {gen.mode}, "
-          f"mla.decode by {kernel_name(plan.device)}", flush=True)
+          f"mla.decode by {kernel_name(plan.device)}{cache_note}", flush=True)
     result = gen.generate(plan.prompts, opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed, plan.eos_id,
                           progress=True)
     for i, (p, toks) in enumerate(zip(plan.prompts, result.tokens)):
@@ -319,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         record = {"weights": plan.weights, "checkpoint": plan.checkpoint, "preset": plan.preset,
                   "device": str(plan.device), "dtype": str(plan.dtype).removeprefix("torch."),
                   "decode_step": gen.mode, "mla_kernel": kernel_name(plan.device),
+                  "kv_cache_dtype": str(gen.cache.kv.dtype).removeprefix("torch."),
                   "max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature, "top_p": opts.top_p,
                   **figures(result), "tokens": result.tokens}
         with open(opts.json, "w") as f:

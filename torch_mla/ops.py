@@ -16,6 +16,27 @@ Numerics live in ``reference.py``; the kernels live in ``csrc/``.
 
 Every op is inference-only: called with grad mode enabled on an input that requires grad it
 raises, instead of returning a result that silently has no gradient.
+
+FP8 (float8_e4m3fn) KV cache. A cache of the same ``[num_blocks, block_size, 1, 576]`` rows in
+e4m3 (576 bytes a token instead of 1152) holds ``quantize(x) = e4m3(clamp(x / scale, -448, 448))``
+(x converted to float32, divided by the float32 ``scale``, rounded to nearest even; values
+beyond e4m3's largest finite +-448, infinities included, saturate to +-448; NaN stays NaN), and
+is read as ``dequantize(c) = float32(c) * scale``. Scales are float32 tensors of one element,
+shape ``[1]`` (per tensor, as vLLM and SGLang pass ``descale_q`` / ``descale_k`` to their FP8
+FlashMLA) or ``[]``, on the device of the data, so that a CUDA graph can replay with them and no
+host sync reads them; they must be positive and finite (a value rule, checked where values are).
+
+* ``write_cache`` into an e4m3 cache quantizes ``[kv_c | k_pe]`` (bf16, fp16 or fp32) with its
+  ``scale``; a bf16/fp16/fp32 cache takes no scale.
+* ``decode`` reads an e4m3 ``kv_cache`` with ``descale_k`` (the same scale). q is bf16, fp16
+  (fp32 on the CPU), used as it is, or e4m3 with ``descale_q`` (its own scale; the cache must be
+  e4m3 too). It computes the attention over the dequantized q and cache: ``out`` and ``lse``
+  are what float64 attention over ``dequantize(q)`` and ``dequantize(kv_cache)`` gives, within
+  ``FP8_OUT_RTOL`` relative to the largest magnitude of each row of ``out`` and within
+  ``FP8_LSE_ATOL`` absolute on ``lse``. That bound leaves room for a kernel that rounds the
+  dequantized values or the probabilities to bf16 (2^-9 relative each); the CPU reference
+  computes in float32 and stays within one rounding of ``out`` to its dtype. ``out`` is in q's
+  dtype, and bfloat16 for an e4m3 q (as vLLM's FP8 FlashMLA gives); ``lse`` is float32.
 """
 
 from __future__ import annotations
@@ -28,6 +49,10 @@ import torch
 from . import reference
 
 __all__ = [
+    "FP8",
+    "FP8_MAX",
+    "FP8_OUT_RTOL",
+    "FP8_LSE_ATOL",
     "HEAD_DIM",
     "HEAD_DIM_V",
     "ROPE_DIM",
@@ -36,6 +61,8 @@ __all__ = [
     "decode",
     "get_metadata",
     "write_cache",
+    "quantize_fp8",
+    "dequantize_fp8",
     "debug_mode",
 ]
 
@@ -46,18 +73,23 @@ METADATA_SIZE = 8  # int32 words per scheduler partition in tile_scheduler_metad
 PAGE_SIZE = 64  # tokens per KV page (block_size) the CUDA kernel takes
 TILE_ROWS = 64  # query rows (s_q * h_q) per CUDA thread block: one wgmma M
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8 = torch.float8_e4m3fn  # the FP8 cache (and query) dtype
+FP8_MAX = reference.FP8_MAX  # 448: larger magnitudes saturate when quantized
+FP8_OUT_RTOL = 2e-2  # decode's bound on out over FP8 inputs, relative to each row's largest |out|
+FP8_LSE_ATOL = 1e-2  # decode's bound on lse over FP8 inputs, absolute
 
 lib = torch.library.Library("mla", "DEF")
 lib.define(
     "decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, "
     "int head_dim_v=512, float? softmax_scale=None, bool causal=False, "
-    "Tensor? tile_scheduler_metadata=None, Tensor? num_splits=None) -> (Tensor out, Tensor lse)"
+    "Tensor? tile_scheduler_metadata=None, Tensor? num_splits=None, Tensor? descale_q=None, "
+    "Tensor? descale_k=None) -> (Tensor out, Tensor lse)"
 )
 lib.define(
     "get_metadata(Tensor cache_seqlens, int num_q_tokens_per_head_k, int num_heads_k) "
     "-> (Tensor tile_scheduler_metadata, Tensor num_splits)"
 )
-lib.define("write_cache(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()")
+lib.define("write_cache(Tensor kv_c, Tensor k_pe, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor? scale=None) -> ()")
 
 
 def debug_mode() -> bool:
@@ -128,6 +160,37 @@ def _check_size(op: str, name: str, dim: str, got, expected) -> None:
         _fail(op, f"{name} must have {dim} {expected}, got {got}")
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_scale(op: str, name: str, scale: torch.Tensor) -> None:
+    """A dequantization scale: float32, one element, shape [1] (per tensor) or []."""
+    if scale.dim() > 1 or scale.numel() != 1:
+        _fail(op, f"{name} must hold one float32 value, shape [1] (per tensor) or [], got shape {tuple(scale.shape)}")
+    _check_dtype(op, name, scale, torch.float32)
+
+
+def _check_scale_pairing(op: str, data: str, t: torch.Tensor, name: str, scale: torch.Tensor | None) -> None:
+    """An e4m3 tensor comes with its scale; any other dtype takes none."""
+    if t.dtype == FP8 and scale is None:
+        _fail(op, f"{data} is float8_e4m3fn, so {name} (its float32 dequantization scale, shape [1]) is required")
+    if t.dtype != FP8 and scale is not None:
+        _fail(op, f"{name} is given but {data} is {_dtype_name(t.dtype)}: {name} is the scale of a "
+                  f"float8_e4m3fn {data} only")
+    if scale is not None:
+        _check_scale(op, name, scale)
+
+
+def _check_scale_value(op: str, name: str, scale: torch.Tensor | None) -> None:
+    """Reads the scale (a host sync on CUDA)."""
+    if scale is None:
+        return
+    value = float(scale.to("cpu", torch.float32).reshape(()))
+    if not (value > 0 and math.isfinite(value)):
+        _fail(op, f"{name} must be positive and finite, got {value}")
+
+
 def check_decode_args(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -137,6 +200,8 @@ def check_decode_args(
     softmax_scale: float | None,
     tile_scheduler_metadata: torch.Tensor | None,
     num_splits: torch.Tensor | None,
+    descale_q: torch.Tensor | None = None,
+    descale_k: torch.Tensor | None = None,
 ) -> None:
     """Shape, dtype, device and layout rules of ``mla.decode``; no device value is read.
 
@@ -147,14 +212,19 @@ def check_decode_args(
     op = "decode"
     _check_devices(
         op, "q", q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens,
-        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits,
+        tile_scheduler_metadata=tile_scheduler_metadata, num_splits=num_splits, descale_q=descale_q,
+        descale_k=descale_k,
     )
     _check_rank(op, "q", q, 4, f"[batch, s_q, h_q, {HEAD_DIM}]")
     _check_rank(op, "kv_cache", kv_cache, 4, f"[num_blocks, block_size, 1, {HEAD_DIM}]")
     _check_rank(op, "block_table", block_table, 2, "[batch, max_blocks_per_seq]")
     _check_rank(op, "cache_seqlens", cache_seqlens, 1, "[batch]")
-    _check_dtype(op, "q", q, _DTYPES)
-    _check_dtype(op, "kv_cache", kv_cache, q.dtype)
+    _check_dtype(op, "q", q, _DTYPES + (FP8,))
+    if q.dtype == FP8 and kv_cache.dtype != FP8:
+        _fail(op, f"q is float8_e4m3fn, so kv_cache must be float8_e4m3fn too, got {_dtype_name(kv_cache.dtype)}")
+    _check_dtype(op, "kv_cache", kv_cache, (q.dtype, FP8))
+    _check_scale_pairing(op, "q", q, "descale_q", descale_q)
+    _check_scale_pairing(op, "kv_cache", kv_cache, "descale_k", descale_k)
     _check_dtype(op, "block_table", block_table, torch.int32)
     _check_dtype(op, "cache_seqlens", cache_seqlens, torch.int32)
     _check_size(op, "q", "head dim (size -1)", q.shape[3], HEAD_DIM)
@@ -186,13 +256,17 @@ def check_decode_args(
         _check_size(op, "num_splits", "size 0 (batch + 1)", num_splits.shape[0], batch + 1)
         _check_contiguous(op, "tile_scheduler_metadata", tile_scheduler_metadata)
         _check_contiguous(op, "num_splits", num_splits)
-    _check_no_grad(op, q=q, kv_cache=kv_cache)
+    _check_no_grad(op, q=q, kv_cache=kv_cache, descale_q=descale_q, descale_k=descale_k)
 
 
 def check_decode_values(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                        cache_seqlens: torch.Tensor, causal: bool) -> None:
-    """Rules on the values of ``cache_seqlens`` and ``block_table`` (reads them: a host sync on CUDA)."""
+                        cache_seqlens: torch.Tensor, causal: bool, descale_q: torch.Tensor | None = None,
+                        descale_k: torch.Tensor | None = None) -> None:
+    """Rules on the values of ``cache_seqlens``, ``block_table`` and the scales (reads them: a host
+    sync on CUDA)."""
     op = "decode"
+    _check_scale_value(op, "descale_q", descale_q)
+    _check_scale_value(op, "descale_k", descale_k)
     if q.shape[0] == 0:
         return
     num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]
@@ -220,16 +294,21 @@ def check_get_metadata_args(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k
 
 
 def check_write_cache_args(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor) -> None:
+                           slot_mapping: torch.Tensor, scale: torch.Tensor | None = None) -> None:
     op = "write_cache"
-    _check_devices(op, "kv_cache", kv_cache=kv_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping)
+    _check_devices(op, "kv_cache", kv_cache=kv_cache, kv_c=kv_c, k_pe=k_pe, slot_mapping=slot_mapping, scale=scale)
     _check_rank(op, "kv_c", kv_c, 2, f"[num_tokens, {HEAD_DIM_V}]")
     _check_rank(op, "k_pe", k_pe, 2, f"[num_tokens, {ROPE_DIM}]")
     _check_rank(op, "kv_cache", kv_cache, 4, f"[num_blocks, block_size, 1, {HEAD_DIM}]")
     _check_rank(op, "slot_mapping", slot_mapping, 1, "[num_tokens]")
-    _check_dtype(op, "kv_cache", kv_cache, _DTYPES)
-    _check_dtype(op, "kv_c", kv_c, kv_cache.dtype)
-    _check_dtype(op, "k_pe", k_pe, kv_cache.dtype)
+    _check_dtype(op, "kv_cache", kv_cache, _DTYPES + (FP8,))
+    if kv_cache.dtype == FP8:  # quantized on write, from any float dtype
+        _check_dtype(op, "kv_c", kv_c, _DTYPES)
+        _check_dtype(op, "k_pe", k_pe, kv_c.dtype)
+    else:
+        _check_dtype(op, "kv_c", kv_c, kv_cache.dtype)
+        _check_dtype(op, "k_pe", k_pe, kv_cache.dtype)
+    _check_scale_pairing(op, "kv_cache", kv_cache, "scale", scale)
     _check_dtype(op, "slot_mapping", slot_mapping, (torch.int32, torch.int64))
     _check_size(op, "kv_c", "size -1", kv_c.shape[1], HEAD_DIM_V)
     _check_size(op, "k_pe", "size -1", k_pe.shape[1], ROPE_DIM)
@@ -240,11 +319,13 @@ def check_write_cache_args(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: tor
     for name, t in (("kv_c", kv_c), ("k_pe", k_pe), ("kv_cache", kv_cache)):
         _check_unit_last_stride(op, name, t)
     _check_contiguous(op, "slot_mapping", slot_mapping)
-    _check_no_grad(op, kv_c=kv_c, k_pe=k_pe, kv_cache=kv_cache)
+    _check_no_grad(op, kv_c=kv_c, k_pe=k_pe, kv_cache=kv_cache, scale=scale)
 
 
-def check_write_cache_values(kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Slots in range and distinct (reads slot_mapping: a host sync on CUDA)."""
+def check_write_cache_values(kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                             scale: torch.Tensor | None = None) -> None:
+    """Slots in range and distinct, the scale positive and finite (reads them: a host sync on CUDA)."""
+    _check_scale_value("write_cache", "scale", scale)
     num_slots = kv_cache.shape[0] * kv_cache.shape[1]
     slots = slot_mapping.to("cpu", torch.int64)
     slots = slots[slots >= 0]
@@ -272,13 +353,18 @@ def num_sm_parts(device: torch.device, num_q_tokens_per_head_k: int, num_heads_k
 # --------------------------------------------------------------------------------------------
 
 
+def decode_out_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    """dtype of decode's ``out``: q's, and bfloat16 for an e4m3 q (as vLLM's FP8 FlashMLA)."""
+    return torch.bfloat16 if q_dtype == FP8 else q_dtype
+
+
 @torch.library.register_fake("mla::decode")
 def _decode_fake(q, kv_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V, softmax_scale=None,
-                 causal=False, tile_scheduler_metadata=None, num_splits=None):
+                 causal=False, tile_scheduler_metadata=None, num_splits=None, descale_q=None, descale_k=None):
     check_decode_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
-                      tile_scheduler_metadata, num_splits)
+                      tile_scheduler_metadata, num_splits, descale_q, descale_k)
     b, s_q, h_q, _ = q.shape
-    out = q.new_empty((b, s_q, h_q, head_dim_v))
+    out = q.new_empty((b, s_q, h_q, head_dim_v), dtype=decode_out_dtype(q.dtype))
     lse = q.new_empty((b, h_q, s_q), dtype=torch.float32)
     return out, lse
 
@@ -293,8 +379,8 @@ def _get_metadata_fake(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
 
 
 @torch.library.register_fake("mla::write_cache")
-def _write_cache_fake(kv_c, k_pe, kv_cache, slot_mapping):
-    check_write_cache_args(kv_c, k_pe, kv_cache, slot_mapping)
+def _write_cache_fake(kv_c, k_pe, kv_cache, slot_mapping, scale=None):
+    check_write_cache_args(kv_c, k_pe, kv_cache, slot_mapping, scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,13 +394,14 @@ def _checks_values(t: torch.Tensor) -> bool:
 
 
 def _decode_impl(q, kv_cache, block_table, cache_seqlens, head_dim_v=HEAD_DIM_V, softmax_scale=None,
-                 causal=False, tile_scheduler_metadata=None, num_splits=None):
+                 causal=False, tile_scheduler_metadata=None, num_splits=None, descale_q=None, descale_k=None):
     check_decode_args(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
-                      tile_scheduler_metadata, num_splits)
+                      tile_scheduler_metadata, num_splits, descale_q, descale_k)
     if _checks_values(q):
-        check_decode_values(q, kv_cache, block_table, cache_seqlens, causal)
+        check_decode_values(q, kv_cache, block_table, cache_seqlens, causal, descale_q, descale_k)
     scale = HEAD_DIM ** -0.5 if softmax_scale is None else softmax_scale
-    return reference.decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
+    return reference.decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal,
+                            decode_out_dtype(q.dtype), descale_q, descale_k)
 
 
 def _get_metadata_impl(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
@@ -323,11 +410,11 @@ def _get_metadata_impl(cache_seqlens, num_q_tokens_per_head_k, num_heads_k):
     return reference.get_metadata(cache_seqlens, parts, METADATA_SIZE)
 
 
-def _write_cache_impl(kv_c, k_pe, kv_cache, slot_mapping):
-    check_write_cache_args(kv_c, k_pe, kv_cache, slot_mapping)
+def _write_cache_impl(kv_c, k_pe, kv_cache, slot_mapping, scale=None):
+    check_write_cache_args(kv_c, k_pe, kv_cache, slot_mapping, scale)
     if _checks_values(kv_cache):
-        check_write_cache_values(kv_cache, slot_mapping)
-    reference.write_cache(kv_c, k_pe, kv_cache, slot_mapping)
+        check_write_cache_values(kv_cache, slot_mapping, scale)
+    reference.write_cache(kv_c, k_pe, kv_cache, slot_mapping, scale)
 
 
 def _register_reference(dispatch_key: str) -> None:
@@ -355,6 +442,8 @@ def decode(
     head_dim_v: int = HEAD_DIM_V,
     tile_scheduler_metadata: torch.Tensor | None = None,
     num_splits: torch.Tensor | None = None,
+    descale_q: torch.Tensor | None = None,
+    descale_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MLA decode attention over a paged latent KV cache (absorbed / MQA form).
 
@@ -364,11 +453,13 @@ def decode(
     so their strides must be multiples of 16 bytes and their data 16-byte aligned.
 
     Args:
-        q: ``[batch, s_q, h_q, 576]`` bf16 or fp16 (fp32 on the CPU). The first 512 dims are the
-            query in the latent space (W_UK absorbed), the last 64 its RoPE part.
-        kv_cache: ``[num_blocks, block_size, 1, 576]``, q's dtype. Each row holds a token's
-            latent ``c_kv`` (512) then its RoPE key ``k_pe`` (64); V is the first 512 dims.
-            The CUDA kernel needs ``block_size == 64``.
+        q: ``[batch, s_q, h_q, 576]`` bf16 or fp16 (fp32 on the CPU), or float8_e4m3fn with
+            ``descale_q``. The first 512 dims are the query in the latent space (W_UK absorbed),
+            the last 64 its RoPE part.
+        kv_cache: ``[num_blocks, block_size, 1, 576]``, q's dtype or float8_e4m3fn (an FP8 cache,
+            with ``descale_k``; the only choice for an e4m3 q). Each row holds a token's latent
+            ``c_kv`` (512) then its RoPE key ``k_pe`` (64); V is the first 512 dims. The CUDA
+            kernel needs ``block_size == 64`` and does not read an FP8 cache yet (a clear error).
         block_table: ``[batch, max_blocks_per_seq]`` int32: block ids of each sequence, in order.
             Entries past a sequence's length are never read.
         cache_seqlens: ``[batch]`` int32, contiguous: number of cached tokens of each sequence,
@@ -379,14 +470,18 @@ def decode(
         head_dim_v: must be 512.
         tile_scheduler_metadata, num_splits: the split-KV plan from :func:`get_metadata`, made
             once per step and shared by all layers; omitted, decode plans internally.
+        descale_q, descale_k: ``[1]`` (or ``[]``) float32 on q's device, positive: the
+            dequantization scales of an e4m3 q and of an e4m3 kv_cache (``value = e4m3 * scale``,
+            see the module docstring); required with an e4m3 tensor, refused with any other.
 
     Returns:
-        ``out``: ``[batch, s_q, h_q, 512]`` in q's dtype, the attention output in latent space.
-        ``lse``: ``[batch, h_q, s_q]`` float32, natural log of the softmax denominator of the
-        scaled scores.
+        ``out``: ``[batch, s_q, h_q, 512]`` in q's dtype (bfloat16 for an e4m3 q), the attention
+        output in latent space. ``lse``: ``[batch, h_q, s_q]`` float32, natural log of the softmax
+        denominator of the scaled scores. Over FP8 inputs both are the attention over the
+        dequantized values, within ``FP8_OUT_RTOL`` / ``FP8_LSE_ATOL`` (module docstring).
     """
     return torch.ops.mla.decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
-                                causal, tile_scheduler_metadata, num_splits)
+                                causal, tile_scheduler_metadata, num_splits, descale_q, descale_k)
 
 
 def get_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int,
@@ -409,18 +504,50 @@ def get_metadata(cache_seqlens: torch.Tensor, num_q_tokens_per_head_k: int,
 
 
 def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
-                slot_mapping: torch.Tensor) -> None:
+                slot_mapping: torch.Tensor, *, scale: torch.Tensor | None = None) -> None:
     """Write new tokens' latent and RoPE key parts into their paged cache slots, in place.
 
     Args:
-        kv_c: ``[num_tokens, 512]``, the compressed latent ``c_kv`` (kv_cache's dtype).
-        k_pe: ``[num_tokens, 64]``, the RoPE key (already rotated).
+        kv_c: ``[num_tokens, 512]``, the compressed latent ``c_kv``: kv_cache's dtype, or for an
+            FP8 cache bf16, fp16 or fp32.
+        k_pe: ``[num_tokens, 64]``, the RoPE key (already rotated), kv_c's dtype.
         kv_cache: ``[num_blocks, block_size, 1, 576]``, mutated: row ``slot % block_size`` of
             block ``slot // block_size`` becomes ``[kv_c[t] | k_pe[t]]`` for ``slot =
             slot_mapping[t]``. Like kv_c and k_pe it needs only a unit stride in its last dim
             (one layer of a larger buffer, padded rows), so it can be the cache decode reads.
         slot_mapping: ``[num_tokens]`` int32 or int64, contiguous, ``block_id * block_size +
             offset``; a negative slot skips the token (padding). Slots must be distinct.
+        scale: for a float8_e4m3fn kv_cache (and only then), its ``[1]`` float32 dequantization
+            scale, the ``descale_k`` decode reads it with: rows are stored as
+            :func:`quantize_fp8` of ``[kv_c | k_pe]``, saturating at +-448, NaN kept.
     """
-    torch.ops.mla.write_cache(kv_c, k_pe, kv_cache, slot_mapping)
+    torch.ops.mla.write_cache(kv_c, k_pe, kv_cache, slot_mapping, scale)
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` (bf16, fp16 or fp32, any shape) as float8_e4m3fn with dequantization scale ``scale``.
+
+    ``e4m3(clamp(float32(x) / scale, -448, 448))``, rounded to nearest even: what
+    :func:`write_cache` stores in an FP8 cache, and how to make an e4m3 q for :func:`decode`.
+    ``scale``: ``[1]`` or ``[]`` float32 on x's device, positive and finite.
+    """
+    op = "quantize_fp8"
+    _check_devices(op, "x", x=x, scale=scale)
+    _check_dtype(op, "x", x, _DTYPES)
+    _check_scale(op, "scale", scale)
+    if _checks_values(scale):
+        _check_scale_value(op, "scale", scale)
+    return reference.quantize_fp8(x, scale)
+
+
+def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values a float8_e4m3fn ``x`` (an FP8 cache, any shape) stands for: ``float32(x) * scale``,
+    in ``dtype`` (bf16, fp16 or fp32): what :func:`decode` reads, for inspection."""
+    op = "dequantize_fp8"
+    _check_devices(op, "x", x=x, scale=scale)
+    _check_dtype(op, "x", x, FP8)
+    _check_scale(op, "scale", scale)
+    if dtype not in _DTYPES:
+        _fail(op, f"dtype must be bfloat16 or float16 or float32, got {dtype}")
+    return reference.dequantize_fp8(x, scale).to(dtype)
 

@@ -9,6 +9,18 @@ from __future__ import annotations
 
 import torch
 
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448, e4m3's largest finite magnitude
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``e4m3(clamp(float32(x) / scale, -448, 448))``, nearest even; clamp keeps NaN as NaN."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``float32(x) * scale``: the value an e4m3 tensor stands for, in float32."""
+    return x.float() * scale
+
 
 def _used_columns(block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int) -> int:
     """Block-table columns the longest sequence reaches, so that the cost follows the lengths, not
@@ -20,8 +32,10 @@ def _used_columns(block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_
     return min(width, -(-int(cache_seqlens.max()) // block_size))
 
 
-def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor):
-    """Gather each sequence's pages into ``[batch, max_len, d]`` float32, zero past its length.
+def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                  descale_k: torch.Tensor | None = None):
+    """Gather each sequence's pages into ``[batch, max_len, d]`` float32 (dequantized with
+    ``descale_k`` for an e4m3 cache), zero past its length.
 
     ``max_len`` is the longest sequence rounded up to whole blocks on the CPU (the table's whole
     width on CUDA and under tracing).
@@ -38,34 +52,42 @@ def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqle
     block_used = torch.arange(max_blocks, device=block_table.device) < used_blocks[:, None]
     safe_table = torch.where(block_used, block_table, torch.zeros_like(block_table)).long()
     if kv_cache.shape[0] == 0:  # no pages at all: every sequence is empty
-        kv = kv_cache.new_zeros(batch, max_blocks * block_size, kv_cache.shape[-1])
+        kv = torch.zeros(batch, max_blocks * block_size, kv_cache.shape[-1], device=kv_cache.device)
     else:
-        kv = kv_cache[safe_table].reshape(batch, max_blocks * block_size, kv_cache.shape[-1])
+        kv = kv_cache[safe_table].reshape(batch, max_blocks * block_size, kv_cache.shape[-1]).float()
+    if descale_k is not None:
+        kv = kv * descale_k
     positions = torch.arange(max_blocks * block_size, device=kv.device)
     valid = positions < seqlens[:, None]
-    kv = torch.where(valid[..., None], kv.float(), torch.zeros((), dtype=torch.float32, device=kv.device))
+    kv = torch.where(valid[..., None], kv, torch.zeros((), dtype=torch.float32, device=kv.device))
     return kv, positions, seqlens
 
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-           head_dim_v: int, softmax_scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of every query row over its sequence's cached rows; see ``ops.decode``."""
+           head_dim_v: int, softmax_scale: float, causal: bool, out_dtype: torch.dtype | None = None,
+           descale_q: torch.Tensor | None = None,
+           descale_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query row over its sequence's cached rows; see ``ops.decode``.
+
+    e4m3 inputs are dequantized (``descale_q``, ``descale_k``) to float32 first; ``out`` is
+    returned in ``out_dtype`` (default q's dtype)."""
     batch, s_q, h_q, _ = q.shape
-    kv, positions, seqlens = _gather_pages(kv_cache, block_table, cache_seqlens)
+    kv, positions, seqlens = _gather_pages(kv_cache, block_table, cache_seqlens, descale_k)
+    qf = q.float() if descale_q is None else dequantize_fp8(q, descale_q)
     # Last key each query row may see: L - 1 for all rows, or L - s_q + i when causal.
     last = (seqlens - 1)[:, None].expand(batch, s_q)
     if causal:
         last = last - (s_q - 1) + torch.arange(s_q, device=q.device)[None, :]
     visible = positions[None, None, :] <= last[:, :, None]  # [batch, s_q, max_len]
 
-    scores = torch.einsum("bshd,btd->bsht", q.float(), kv) * softmax_scale
+    scores = torch.einsum("bshd,btd->bsht", qf, kv) * softmax_scale
     scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [batch, s_q, h_q]; -inf for a row that sees nothing
     empty = torch.isneginf(lse)
     probs = torch.exp(scores - torch.where(empty, 0.0, lse)[..., None])
     out = torch.einsum("bsht,btv->bshv", probs, kv[..., :head_dim_v])
     lse = torch.where(empty, float("inf"), lse)  # FlashMLA's convention for an empty row
-    return out.to(q.dtype), lse.transpose(1, 2).contiguous()
+    return out.to(q.dtype if out_dtype is None else out_dtype), lse.transpose(1, 2).contiguous()
 
 
 def get_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int, metadata_size: int):
@@ -76,12 +98,16 @@ def get_metadata(cache_seqlens: torch.Tensor, num_sm_parts: int, metadata_size: 
     return metadata, num_splits
 
 
-def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """``kv_cache[slot // block_size, slot % block_size, 0] = [kv_c | k_pe]`` for each slot >= 0.
+def write_cache(kv_c: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                scale: torch.Tensor | None = None) -> None:
+    """``kv_cache[slot // block_size, slot % block_size, 0] = [kv_c | k_pe]`` for each slot >= 0,
+    quantized with ``scale`` into an e4m3 cache.
 
     Indexes the 4-D cache (no flattening view), so a strided cache is written in place.
     """
     block_size = kv_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    kv_cache[slots // block_size, slots % block_size, 0] = torch.cat([kv_c[keep], k_pe[keep]], dim=-1).to(kv_cache.dtype)
+    rows = torch.cat([kv_c[keep], k_pe[keep]], dim=-1)
+    rows = rows.to(kv_cache.dtype) if scale is None else quantize_fp8(rows, scale)
+    kv_cache[slots // block_size, slots % block_size, 0] = rows

@@ -185,7 +185,8 @@ class AttentionBatch:
 
     ``block_table [b, max_blocks]`` int32, ``cache_seqlens [b]`` int32 (lengths after this call's
     tokens are written), ``slot_mapping [b * s]`` int64 (negative: padding, not written), the
-    split-KV plan from ``mla.get_metadata``, and ``causal`` (True for prefill chunks).
+    split-KV plan from ``mla.get_metadata``, ``causal`` (True for prefill chunks), and an FP8
+    cache's ``[1]`` float32 scale ``kv_scale`` (None for a bf16/fp16/fp32 cache).
     """
 
     block_table: torch.Tensor
@@ -194,6 +195,7 @@ class AttentionBatch:
     tile_scheduler_metadata: torch.Tensor
     num_splits: torch.Tensor
     causal: bool
+    kv_scale: torch.Tensor | None = None
 
 
 class MLA(nn.Module):
@@ -231,14 +233,15 @@ class MLA(nn.Module):
         kv_c, k_pe = self.wkv_a(x).split([a.kv_lora_rank, a.qk_rope_head_dim], -1)
         kv_c = self.kv_norm(kv_c)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, a.rope_interleave).squeeze(2)
-        torch.ops.mla.write_cache(kv_c.reshape(b * s, -1), k_pe.reshape(b * s, -1), kv_cache, batch.slot_mapping)
+        torch.ops.mla.write_cache(kv_c.reshape(b * s, -1), k_pe.reshape(b * s, -1), kv_cache, batch.slot_mapping,
+                                  batch.kv_scale)
 
         # Absorb W_UK: q_nope . (W_UK c) == (q_nope W_UK) . c, so queries meet the latent rows directly.
         q_latent = torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk)
         q_full = torch.cat([q_latent, q_pe], dim=-1)
         out, _ = torch.ops.mla.decode(q_full, kv_cache, batch.block_table, batch.cache_seqlens,
                                       a.kv_lora_rank, self.softmax_scale, batch.causal and s > 1,
-                                      batch.tile_scheduler_metadata, batch.num_splits)
+                                      batch.tile_scheduler_metadata, batch.num_splits, None, batch.kv_scale)
         out = torch.einsum("bshc,hvc->bshv", out, self.w_uv)  # W_UV after attention
         return self.wo(out.reshape(b, s, a.n_heads * a.v_head_dim))
 
@@ -368,11 +371,13 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 block_table: torch.Tensor, cache_seqlens: torch.Tensor, slot_mapping: torch.Tensor,
-                causal: bool = True, last_only: bool = False) -> torch.Tensor:
+                causal: bool = True, last_only: bool = False,
+                kv_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``tokens [b, s]`` at ``positions [b, s]`` (int64) and return float32 logits.
 
         Args:
-            kv_cache: ``[n_layers, num_blocks, block_size, 1, 576]``, written in place.
+            kv_cache: ``[n_layers, num_blocks, block_size, 1, 576]``, written in place: the
+                model's dtype, or float8_e4m3fn with its ``kv_scale`` (``[1]`` float32).
             block_table, cache_seqlens: as ``mla.decode`` takes them; ``cache_seqlens`` counts
                 this call's tokens. A row of length 0 is padding: its logits are meaningless.
             slot_mapping: ``[b * s]`` cache slot of each token (negative: do not write).
@@ -383,7 +388,7 @@ class Transformer(nn.Module):
         """
         b, s = tokens.shape
         metadata, num_splits = torch.ops.mla.get_metadata(cache_seqlens, s * self.args.n_heads, 1)
-        batch = AttentionBatch(block_table, cache_seqlens, slot_mapping, metadata, num_splits, causal)
+        batch = AttentionBatch(block_table, cache_seqlens, slot_mapping, metadata, num_splits, causal, kv_scale)
         pos = positions.clamp(0, self.args.max_seq_len - 1)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         x = self.embed(tokens)
