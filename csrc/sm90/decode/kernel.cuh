@@ -56,8 +56,8 @@ constexpr int kSmemKV = kSmemQ + kPageBytes;
 constexpr int kSmemScale = kSmemKV + kStages * kPageBytes;  // float [kStages][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + kStages * 64 * 4;  // float [kStages][64]: 1 / row sum (last page)
 constexpr int kSmemSlot = kSmemInvL + kStages * 64 * 4;   // int [kStages]: workspace slot of the split (-1: out)
-constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [3][kStages]: full, p_full, empty
-constexpr int kSmemUsed = kSmemBar + (3 * kStages + 1) * 8;  // + the Q barrier
+constexpr int kSmemBar = kSmemSlot + 64;                    // uint64 [4][kStages]: full, p_full, p_full2, empty
+constexpr int kSmemUsed = kSmemBar + (4 * kStages + 1) * 8;  // + the Q barrier
 constexpr int kSmemAlloc = kSmemUsed + 1024;          // room to align the base
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
@@ -151,7 +151,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int* slot_s = reinterpret_cast<int*>(smem + kSmemSlot);
   const uint32_t bar_full = s_base + kSmemBar;                  // + 8 * stage: the page has landed (TMA)
   const uint32_t bar_pfull = bar_full + 8 * kStages;            // P and row factors written (WG0, 128 arrivals)
-  const uint32_t bar_empty = bar_pfull + 8 * kStages;           // P.V done (WG1, WG2: 256 arrivals)
+  const uint32_t bar_pfull2 = bar_pfull + 8 * kStages;          // P's columns 32-63 written (WG0, 128 arrivals)
+  const uint32_t bar_empty = bar_pfull2 + 8 * kStages;          // P.V done (WG1, WG2: 256 arrivals)
   const uint32_t bar_q = bar_empty + 8 * kStages;               // the Q tile has landed (TMA)
 
   // The combine kernel (launched after this one with programmatic dependent launch) may be
@@ -180,6 +181,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_full + 8 * s, 1);
       mbar_init(bar_pfull + 8 * s, 128);
+      mbar_init(bar_pfull2 + 8 * s, 128);
       mbar_init(bar_empty + 8 * s, 256);
     }
     mbar_init(bar_q, 1);
@@ -279,17 +281,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         m[h] = m_new;
         l[h] *= sc[h];
       }
-      uint32_t pk[16];
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float p0 = exp2f(fmaf(s[4 * j + 2 * h], p.scale_log2, -m_use[h]));
-          const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -m_use[h]));
-          l[h] += p0 + p1;
-          pk[2 * j + h] = pack2<T>(p0, p1);
-        }
-
       // ---- the rows past the sequence in a partial last page hold anything (NaN too): P is 0
       // there, but 0 * NaN = NaN in P.V, so zero those V rows (S has read them, masked).
       const int valid = seqlen - page * kPageSize;
@@ -303,23 +294,33 @@ __global__ void __launch_bounds__(kThreads, 1)
               make_uint4(0, 0, 0, 0);
         }
       }
-
-      // P goes where K's RoPE chunk was; the row factors to this stage's slot (P.V of the page that
-      // used this stage before is done: its refill, which this page's full barrier waited for, came
-      // after that).
+      // P goes where K's RoPE chunk was, in two halves: tokens 0-31 (P.V's first two k-steps) are
+      // published on p_full with the row factors, so P.V starts while tokens 32-63 are exponentiated
+      // and published on p_full2. (P.V of the page that used this stage before is done: its refill,
+      // which this page's full barrier waited for, came after that.)
       uint8_t* p_smem = smem + kSmemKV + stage * kPageBytes + (kChunks - 1) * kChunkBytes;  // K's RoPE chunk
+      auto p_half = [&](int half) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+        for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = r0 + 8 * h, col = 8 * j + col_base;
-          *reinterpret_cast<uint32_t*>(p_smem + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
-              pk[2 * j + h];
-        }
+          for (int h = 0; h < 2; ++h) {
+            const int j = 4 * half + jj;
+            const float p0 = exp2f(fmaf(s[4 * j + 2 * h], p.scale_log2, -m_use[h]));
+            const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -m_use[h]));
+            l[h] += p0 + p1;
+            const int row = r0 + 8 * h, col = 8 * j + col_base;
+            *reinterpret_cast<uint32_t*>(p_smem + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
+                pack2<T>(p0, p1);
+          }
+      };
+      p_half(0);
       if (lane % 4 == 0) {
         scale_s[stage * 64 + r0] = sc[0];
         scale_s[stage * 64 + r0 + 8] = sc[1];
       }
+      fence_proxy_async();  // P and the zeroed rows, written by threads, are read by wgmma next
+      mbar_arrive(bar_pfull + 8 * stage);
+      p_half(1);
       if (last) {
         const int split = b == st.begin_b ? begin_split : 0;
 #pragma unroll
@@ -342,8 +343,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      fence_proxy_async();  // P and the zeroed rows, written by threads, are read by wgmma next
-      mbar_arrive(bar_pfull + 8 * stage);
+      fence_proxy_async();
+      mbar_arrive(bar_pfull2 + 8 * stage);
       if (tid == 0) tl::page(g, tl::kPReady);
       advance(cur, st, p.cache_seqlens);
     }
@@ -416,6 +417,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       pv_step(0);
       pv_step(1);
       wgmma_commit();
+      mbar_wait(bar_pfull2 + 8 * stage, (g / kStages) & 1);  // P's tokens 32-63
+      wgmma_fence();  // (after a wait between two wgmma of a chain: else ptxas serialises them)
       pv_step(2);
       pv_step(3);
       wgmma_commit();
