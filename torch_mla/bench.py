@@ -368,7 +368,7 @@ def bench_decoder(argv: list[str]) -> int:
     from torch._dynamo.utils import counters
 
     from .engine import Generator
-    from .generate import add_model_options, build_model, figures, resolve
+    from .generate import add_model_options, build_model, figures, kernel_name, resolve
 
     ap = argparse.ArgumentParser(prog="python -m torch_mla.bench decoder", description=bench_decoder.__doc__)
     add_model_options(ap)
@@ -377,7 +377,7 @@ def bench_decoder(argv: list[str]) -> int:
     model = build_model(plan)
     name = torch.cuda.get_device_name(plan.device) if plan.device.type == "cuda" else "cpu"
     print(f"decoder: {plan.weights}; {name}, {str(plan.dtype).removeprefix('torch.')}, "
-          f"kernel {'CUDA' if plan.device.type == 'cuda' and torch_mla.has_cuda_kernel() else 'reference'}", flush=True)
+          f"mla.decode by {kernel_name(plan.device)}", flush=True)
     rows, eager_tokens = [], None
     for compile_, graphs, backend in decoder_modes(plan.device):
         torch._dynamo.reset()

@@ -139,7 +139,7 @@ def get_mla_metadata_dense_fp8(cache_seqlens: torch.Tensor, num_q_tokens_per_hea
                                num_heads_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's planner for :func:`flash_mla_with_kvcache_fp8`: the same plan as
     :func:`get_mla_metadata_tensors` (it depends only on the lengths)."""
-    return ops.get_metadata(cache_seqlens, num_q_tokens_per_head_k, num_heads_k)
+    return get_mla_metadata_tensors(cache_seqlens, num_q_tokens_per_head_k, num_heads_k, is_fp8_kvcache=True)
 
 
 def _plan(sched: FlashMLASchedMeta, q: torch.Tensor, k_cache: torch.Tensor, cache_seqlens: torch.Tensor,

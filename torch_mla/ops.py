@@ -125,6 +125,10 @@ def _check_no_grad(op: str, **tensors: torch.Tensor | None) -> None:
             )
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> None:
     if t.dim() != rank:
         _fail(op, f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
@@ -133,8 +137,8 @@ def _check_rank(op: str, name: str, t: torch.Tensor, rank: int, layout: str) -> 
 def _check_dtype(op: str, name: str, t: torch.Tensor, expected: torch.dtype | tuple) -> None:
     allowed = expected if isinstance(expected, tuple) else (expected,)
     if t.dtype not in allowed:
-        names = " or ".join(str(d).removeprefix("torch.") for d in allowed)
-        _fail(op, f"{name} must be {names}, got {str(t.dtype).removeprefix('torch.')}")
+        names = " or ".join(_dtype_name(d) for d in allowed)
+        _fail(op, f"{name} must be {names}, got {_dtype_name(t.dtype)}")
 
 
 def _check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
@@ -158,10 +162,6 @@ def _check_devices(op: str, first: str, **tensors: torch.Tensor | None) -> None:
 def _check_size(op: str, name: str, dim: str, got, expected) -> None:
     if got != expected:
         _fail(op, f"{name} must have {dim} {expected}, got {got}")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _check_scale(op: str, name: str, scale: torch.Tensor) -> None:

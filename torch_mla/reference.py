@@ -56,7 +56,7 @@ def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqle
     else:
         kv = kv_cache[safe_table].reshape(batch, max_blocks * block_size, kv_cache.shape[-1]).float()
     if descale_k is not None:
-        kv = kv * descale_k
+        kv = dequantize_fp8(kv, descale_k)
     positions = torch.arange(max_blocks * block_size, device=kv.device)
     valid = positions < seqlens[:, None]
     kv = torch.where(valid[..., None], kv, torch.zeros((), dtype=torch.float32, device=kv.device))
