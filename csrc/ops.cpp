@@ -60,14 +60,16 @@ void check_batch_limit(const char* op, int64_t batch) {
                     std::to_string(batch));
 }
 
-// TMA loads: a 16-byte aligned base and strides (in elements of 2 bytes) that are positive
-// multiples of 16 bytes.
+// TMA loads: a 16-byte aligned base and strides (in elements) that are positive multiples of 16
+// bytes.
 void check_tma_layout(const char* name, const at::Tensor& t, std::initializer_list<int64_t> strides) {
+  const int64_t elem = t.element_size();
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t s : strides) ok = ok && s > 0 && (s * 2) % 16 == 0;
+  for (int64_t s : strides) ok = ok && s > 0 && (s * elem) % 16 == 0;
   TORCH_CHECK_VALUE(ok, "mla.decode: the CUDA kernel loads ", name, " by TMA, which needs its strides to be positive ",
-                    "multiples of 16 bytes (8 elements) and its data 16-byte aligned; got strides ", strides_of(t),
-                    " and data at byte ", std::to_string(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16), " mod 16");
+                    "multiples of 16 bytes (", std::to_string(16 / elem), " elements) and its data 16-byte aligned; ",
+                    "got strides ", strides_of(t), " and data at byte ",
+                    std::to_string(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16), " mod 16");
 }
 
 int64_t num_sm_parts(const at::Tensor& like, int64_t num_q_tokens_per_head_k, int64_t num_heads_k) {
@@ -107,13 +109,10 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
                       num_splits, descale_q, descale_k))
     contract_error("decode", "check_decode_args", q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
                    tile_scheduler_metadata, num_splits, descale_q, descale_k);
-  // An e4m3 q comes only with an e4m3 cache (ops.py), so this covers both.
-  TORCH_CHECK_VALUE(!fp8_dtype(kv_cache.scalar_type()),
-                    "mla.decode: the CUDA kernel does not read float8_e4m3fn caches yet; an FP8 kv_cache (and an "
-                    "FP8 q) is decoded by the CPU reference only: move the inputs to the CPU, or keep a bfloat16 or "
-                    "float16 cache on CUDA");
   check_hopper("decode", q);
-  TORCH_CHECK_VALUE(q.scalar_type() != at::kFloat, "mla.decode: q must be bfloat16 or float16 on CUDA, got float32");
+  const bool fp8 = fp8_dtype(kv_cache.scalar_type()), fp8_q = fp8_dtype(q.scalar_type());
+  TORCH_CHECK_VALUE(q.scalar_type() != at::kFloat,
+                    "mla.decode: q must be bfloat16, float16 or (with an FP8 cache) float8_e4m3fn on CUDA, got float32");
   TORCH_CHECK_VALUE(kv_cache.size(1) == kPageSize, "mla.decode: kv_cache must have block_size (size 1) ",
                     std::to_string(kPageSize), " on CUDA, got ", std::to_string(kv_cache.size(1)));
   const int64_t batch = q.size(0), s_q = q.size(1), h_q = q.size(2), rows = s_q * h_q;
@@ -133,8 +132,9 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
 
   const c10::cuda::CUDAGuard guard(q.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (value_checks_due(stream)) call_ops("check_decode_values", q, kv_cache, block_table, cache_seqlens, causal);
-  auto out = at::empty({batch, s_q, h_q, kHeadDimV}, q.options());
+  if (value_checks_due(stream)) call_ops("check_decode_values", q, kv_cache, block_table, cache_seqlens, causal, descale_q, descale_k);
+  // out: q's dtype, bfloat16 for an e4m3 q (ops.decode_out_dtype)
+  auto out = at::empty({batch, s_q, h_q, kHeadDimV}, q.options().dtype(fp8_q ? at::kBFloat16 : q.scalar_type()));
   auto lse = at::empty({batch, h_q, s_q}, q.options().dtype(at::kFloat));
   if (batch == 0) return {out, lse};
   if (num_blocks == 0) {  // no pages at all: every sequence is empty
@@ -162,6 +162,30 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
 
   Params p;
   p.q = q.data_ptr();
+  p.q_batch_stride = q_batch;
+  p.q_row_stride = q_row;
+  if (fp8) {
+    // The e4m3 kernel reads an e4m3 q: a bf16/fp16 q is quantized row by row (ops.py's rule), an
+    // e4m3 q is read with its per-tensor descale_q.
+    p.fp8 = true;
+    p.descale_k = descale_k->data_ptr<float>();
+    if (fp8_q) {
+      p.q_scale = descale_q->data_ptr<float>();
+    } else {
+      auto q8 = at::empty({batch, rows, kHeadDim}, q.options().dtype(at::ScalarType::Float8_e4m3fn));
+      auto q_scale = at::empty({batch, rows}, q.options().dtype(at::kFloat));
+      launch_quantize_rows(q.data_ptr(), q.scalar_type() == at::kBFloat16 ? DType::kBF16 : DType::kFP16, q_batch,
+                           q_row, static_cast<int>(batch), static_cast<int>(rows),
+                           static_cast<uint8_t*>(q8.data_ptr()), q_scale.data_ptr<float>(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      p.q = q8.data_ptr();  // (the caching allocator keeps it for the stream's kernels that follow)
+      p.q_batch_stride = rows * kHeadDim;
+      p.q_row_stride = kHeadDim;
+      p.q_scale = q_scale.data_ptr<float>();
+      p.q_scale_batch_stride = rows;
+      p.q_scale_row_stride = 1;
+    }
+  }
   p.kv_cache = kv_cache.data_ptr();
   p.block_table = block_table.data_ptr<int32_t>();
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
@@ -171,8 +195,6 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   p.lse = lse.data_ptr<float>();
   p.out_accum = out_accum.data_ptr<float>();
   p.lse_accum = lse_accum.data_ptr<float>();
-  p.q_batch_stride = q_batch;
-  p.q_row_stride = q_row;
   p.kv_block_stride = kv_block;
   p.kv_row_stride = kv_row;
   p.block_table_stride = block_table.stride(0);
@@ -186,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   const double scale = softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(kHeadDim));
   p.scale_log2 = static_cast<float>(scale) * 1.4426950408889634f;
   p.causal = causal && s_q > 1 ? 1 : 0;
-  p.dtype = q.scalar_type() == at::kBFloat16 ? DType::kBF16 : DType::kFP16;
+  p.dtype = out.scalar_type() == at::kBFloat16 ? DType::kBF16 : DType::kFP16;
   launch_decode(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -196,13 +218,20 @@ void write_cache_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::
                       const std::optional<at::Tensor>& scale) {
   if (!write_cache_args_ok(kv_c, k_pe, kv_cache, slot_mapping, scale))
     contract_error("write_cache", "check_write_cache_args", kv_c, k_pe, kv_cache, slot_mapping, scale);
-  TORCH_CHECK_VALUE(!fp8_dtype(kv_cache.scalar_type()),
-                    "mla.write_cache: the CUDA kernel does not write float8_e4m3fn caches yet; an FP8 kv_cache is "
-                    "written by the CPU reference only: keep it on the CPU, or keep a bfloat16 or float16 cache on "
-                    "CUDA");
   const c10::cuda::CUDAGuard guard(kv_cache.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (value_checks_due(stream)) call_ops("check_write_cache_values", kv_cache, slot_mapping);
+  if (value_checks_due(stream)) call_ops("check_write_cache_values", kv_cache, slot_mapping, scale);
+  if (fp8_dtype(kv_cache.scalar_type())) {
+    const auto src = kv_c.scalar_type();
+    launch_write_cache_fp8(kv_c.data_ptr(), kv_c.stride(0), k_pe.data_ptr(), k_pe.stride(0),
+                           static_cast<uint8_t*>(kv_cache.data_ptr()), kv_cache.stride(0), kv_cache.stride(1),
+                           static_cast<int>(kv_cache.size(1)), slot_mapping.data_ptr(),
+                           slot_mapping.scalar_type() == at::kLong, kv_c.size(0),
+                           src == at::kBFloat16 ? DType::kBF16 : (src == at::kHalf ? DType::kFP16 : DType::kFP32),
+                           scale->data_ptr<float>(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   launch_write_cache(kv_c.data_ptr(), kv_c.stride(0), k_pe.data_ptr(), k_pe.stride(0), kv_cache.data_ptr(),
                      kv_cache.stride(0), kv_cache.stride(1), static_cast<int>(kv_cache.size(1)), slot_mapping.data_ptr(),
                      slot_mapping.scalar_type() == at::kLong, kv_c.size(0), static_cast<int>(kv_cache.element_size()),

@@ -19,7 +19,7 @@ constexpr int kPageSize = 64;    // tokens per KV page (block_size) the kernel s
 constexpr int kTileRows = 64;    // query rows (s_q * h_q, flattened) per CTA tile: one wgmma M
 constexpr int kMetadataSize = 8; // int32 words per row of tile_scheduler_metadata
 
-enum class DType { kBF16, kFP16 };
+enum class DType { kBF16, kFP16, kFP32 };
 
 // One row of tile_scheduler_metadata: the stretch of (sequence, page) work of one persistent CTA
 // column (csrc/common/scheduler.cu says how stretches are cut).
@@ -55,7 +55,14 @@ struct Params {
   int batch, s_q, h_q, rows, max_blocks, num_parts;  // rows = s_q * h_q
   float scale_log2;  // softmax_scale * log2(e)
   int causal;        // causal && s_q > 1
-  DType dtype;
+  DType dtype;       // of q and the cache, or (fp8) of out
+  // An e4m3 cache (fp8): q is e4m3 too (ops.cpp quantizes a bf16/fp16 q row by row), row r of
+  // sequence b dequantized with q_scale[b * q_scale_batch_stride + r * q_scale_row_stride]
+  // (strides 0 for a per-tensor descale_q), the cache with *descale_k.
+  bool fp8 = false;
+  const float* q_scale = nullptr;
+  int64_t q_scale_batch_stride = 0, q_scale_row_stride = 0;
+  const float* descale_k = nullptr;
 };
 
 // Scheduler (csrc/common/scheduler.cu): cuts the batch's KV pages into `num_parts` stretches of
@@ -70,11 +77,23 @@ void launch_decode(const Params& params, cudaStream_t stream);
 // The combine kernel alone (csrc/common/combine.cu); launch_decode calls it.
 void launch_combine(const Params& params, cudaStream_t stream);
 
+// q's rows (row r of sequence b at q + b * q_batch_stride + r * q_row_stride, 576 contiguous
+// elements of `dtype`) as e4m3 with a scale per row (csrc/common/quantize.cu): scale =
+// amax / 448 (1 for a row of zeros), q8 = e4m3(q / scale), saturating; q8 is [batch * rows, 576],
+// scale [batch * rows].
+void launch_quantize_rows(const void* q, DType dtype, int64_t q_batch_stride, int64_t q_row_stride, int batch, int rows,
+                          uint8_t* q8, float* scale, cudaStream_t stream);
+
 // write_cache (csrc/common/write_cache.cu): token t into row slot % block_size of block
 // slot / block_size (strides in elements). elem_size: 2 or 4 bytes.
 void launch_write_cache(const void* kv_c, int64_t kv_c_stride, const void* k_pe, int64_t k_pe_stride, void* kv_cache,
                         int64_t kv_block_stride, int64_t kv_row_stride, int block_size, const void* slot_mapping,
                         bool slot_is_int64, int64_t num_tokens, int elem_size, cudaStream_t stream);
+// The same into an e4m3 cache: each element e4m3(x / *scale), saturating (kv_c and k_pe in `src`).
+void launch_write_cache_fp8(const void* kv_c, int64_t kv_c_stride, const void* k_pe, int64_t k_pe_stride,
+                            uint8_t* kv_cache, int64_t kv_block_stride, int64_t kv_row_stride, int block_size,
+                            const void* slot_mapping, bool slot_is_int64, int64_t num_tokens, DType src,
+                            const float* scale, cudaStream_t stream);
 
 // Opts `kernel` in to `bytes` of dynamic shared memory on the current device, once per device
 // (bit d of `done`: device d is set; a caller keeps one `done` per kernel instance), and throws

@@ -65,7 +65,7 @@ def test_cuda_only_rules_have_clear_messages():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     a = _cuda_args()
-    with pytest.raises(ValueError, match=re.escape("mla.decode: q must be bfloat16 or float16 on CUDA, got float32")):
+    with pytest.raises(ValueError, match=re.escape("mla.decode: q must be bfloat16, float16 or (with an FP8 cache) float8_e4m3fn on CUDA, got float32")):
         call_decode(**{**a, "q": a["q"].float(), "kv_cache": a["kv_cache"].float()})
     kv32 = a["kv_cache"].reshape(-1, 32, 1, HEAD_DIM)
     with pytest.raises(ValueError, match=re.escape("mla.decode: kv_cache must have block_size (size 1) 64 on CUDA, got 32")):
@@ -131,22 +131,18 @@ def _assert_write_cache_messages_equal(args):
     assert str(cu.value) == str(py.value)
 
 
-def test_cuda_kernel_refuses_an_fp8_cache_or_query_by_name():
+def test_cuda_fp8_kernel_refuses_what_it_cannot_load_by_name():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     assert torch_mla.has_cuda_kernel()
     a = _cuda_args()
     scale = SCALE.cuda()
-    message = "mla.decode: the CUDA kernel does not read float8_e4m3fn caches yet"
-    fp8_cache = {**a, "kv_cache": a["kv_cache"].to(FP8), "descale_k": scale}
-    for args in (fp8_cache, {**fp8_cache, "q": a["q"].to(FP8), "descale_q": scale}):
-        with pytest.raises(ValueError, match=re.escape(message)):
-            call_decode(**args)
-        torch._dynamo.reset()
-        with pytest.raises(Exception, match=re.escape(message)):
-            torch.compile(call_decode, fullgraph=True, backend="eager")(**args)
-    kv_cache = torch.zeros(2, 64, 1, HEAD_DIM, dtype=FP8, device="cuda")
-    with pytest.raises(ValueError, match=re.escape("mla.write_cache: the CUDA kernel does not write float8_e4m3fn caches yet")):
-        torch_mla.write_cache(torch.randn(2, 512, device="cuda"), torch.randn(2, 64, device="cuda"), kv_cache,
-                              torch.tensor([0, 1], device="cuda"), scale=scale)
-    assert (kv_cache.view(torch.uint8) == 0).all()
+    fp8 = {**a, "kv_cache": a["kv_cache"].to(FP8), "descale_k": scale}
+    call_decode(**fp8)  # taken
+    small_blocks = {**fp8, "kv_cache": torch.zeros(4, 32, 1, HEAD_DIM, dtype=FP8, device="cuda")}
+    with pytest.raises(ValueError, match=re.escape("mla.decode: kv_cache must have block_size (size 1) 64 on CUDA")):
+        call_decode(**small_blocks)
+    # an e4m3 q whose rows are 584 bytes apart: TMA needs multiples of 16 bytes
+    wide = torch.zeros(*a["q"].shape[:-1], HEAD_DIM + 8, dtype=FP8, device="cuda")[..., :HEAD_DIM]
+    with pytest.raises(ValueError, match=re.escape("mla.decode: the CUDA kernel loads q by TMA")):
+        call_decode(**{**fp8, "q": wide, "descale_q": scale})

@@ -30,6 +30,30 @@ def dequantized64(t, scale):
     return t.double() * scale.double()
 
 
+def rows_quantized(q):
+    """The contract's quantization of a bf16/fp16/fp32 q over an FP8 cache, written out: each row
+    with scale amax / 448 in float32 (1 for a row of zeros), e4m3(q / scale) nearest even."""
+    amax = q.float().abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 448, torch.ones(()))
+    return (q.float() / scale).clamp(-448, 448).to(FP8), scale
+
+
+@given(seed=st.integers(0, 2 ** 31 - 1), dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
+       magnitude=st.floats(1e-6, 1e4))
+def test_quantize_rows_gives_each_row_the_scale_of_its_largest_magnitude(seed, dtype, magnitude):
+    q = (torch.randn(3, 5, HEAD_DIM, generator=torch.Generator().manual_seed(seed)) * magnitude).to(dtype)
+    q[1, 2] = 0
+    q8, scale = torch_mla.quantize_rows_fp8(q)
+    want8, want_scale = rows_quantized(q)
+    assert scale.shape == (3, 5, 1) and scale.dtype == torch.float32 and scale[1, 2] == 1
+    assert torch.equal(scale, want_scale) and torch.equal(q8.view(torch.uint8), want8.view(torch.uint8))
+    nonzero = q.float().abs().amax(dim=-1) > 0
+    assert (q8.float().abs().amax(dim=-1)[nonzero] == 448).all(), "each row's largest magnitude maps to e4m3's largest"
+    q[0, 0, 7] = math.nan  # a NaN element stays NaN and does not set the scale
+    q8, scale = torch_mla.quantize_rows_fp8(q)
+    assert q8[0, 0, 7].float().isnan() and torch.isfinite(scale).all()
+
+
 @given(scale=scales)
 def test_dequantize_then_quantize_gives_back_every_e4m3_code(scale):
     codes = E4M3_CODES[~E4M3_CODES.float().isnan()]
@@ -117,7 +141,7 @@ def test_fp8_decode_matches_float64_oracle_over_the_dequantized_inputs(case):
     out, lse = torch_mla.decode(q_in, kv8, block_table, seqlens, softmax_scale=case["softmax_scale"],
                                 causal=case["causal"], descale_q=q_scale if fp8_q else None, descale_k=k_scale)
 
-    q64 = dequantized64(q_in, q_scale) if fp8_q else q_in.double()
+    q64 = dequantized64(q_in, q_scale) if fp8_q else dequantized64(*rows_quantized(q_in))
     ref_out, ref_lse = naive_decode(q64, dequantized64(kv8, k_scale), block_table, seqlens, case["softmax_scale"],
                                     case["causal"])
     out_dtype = torch.bfloat16 if fp8_q else case["q_dtype"]
@@ -129,10 +153,12 @@ def test_fp8_decode_matches_float64_oracle_over_the_dequantized_inputs(case):
     assert ((lse.double()[finite] - ref_lse[finite]).abs() <= ops.FP8_LSE_ATOL).all()
 
 
-def test_an_fp8_cache_read_with_its_scale_equals_the_dequantized_cache_read_as_float32():
+def test_an_fp8_cache_read_with_its_scale_equals_the_dequantized_inputs_read_as_float32():
     q, kv, block_table, seqlens = paged_inputs([5, 64, 130], s_q=2, h_q=4, dtype=torch.float32)
     scale = torch.tensor([0.01])
     kv8 = torch_mla.quantize_fp8(kv, scale)
     got = torch_mla.decode(q, kv8, block_table, seqlens, causal=True, descale_k=scale)
-    expected = torch_mla.decode(q, torch_mla.dequantize_fp8(kv8, scale), block_table, seqlens, causal=True)
+    q8, q_scale = torch_mla.quantize_rows_fp8(q)  # what decode does to a float q over an FP8 cache
+    expected = torch_mla.decode(q8.float() * q_scale,
+                                torch_mla.dequantize_fp8(kv8, scale), block_table, seqlens, causal=True)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

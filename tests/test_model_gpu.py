@@ -20,7 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_mla
-from torch_mla.engine import Generator
+from torch_mla.cache import PagedKVCache
+from torch_mla.engine import Generator, decode_step, prefill
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 OUT_REL = 1e-2  # ||out - ref|| / ||ref|| per sequence: two bf16 roundings (P, out)
@@ -127,3 +128,48 @@ def test_bench_decoder_mode_on_cuda_runs_every_mode_and_the_eager_backend_keeps_
     assert all(m in rows for m in modes), out
     assert rows["compiled (eager) + CUDA graphs"].rstrip().endswith("| 4/4 |")
     assert "did not run as a CUDA graph" not in out
+
+
+FP8_STEPS = 24
+
+
+def drift(logits, reference):
+    diff = (logits - reference).abs()
+    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return diff.max().item(), diff.mean().item(), agreement
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_medium_preset_on_cuda_fp8_cache_drift_against_the_bf16_cache():
+    # The medium preset (random weights, seed 0) on the GPU kernels: the bf16 cache's greedy run,
+    # then the FP8 cache (the CUDA quantizing write_cache and the FP8 kernel) teacher-forced on its
+    # tokens. The figures are printed with -s and stated in docs/decoder.md.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    prompts = [[int(t) for t in torch.randint(0, 32000, (n,), generator=torch.Generator().manual_seed(n))]
+               for n in (300, 17, 130, 64)]
+
+    def run(model, kv_dtype, forced=None):
+        cache = PagedKVCache(model.args.n_layers, 4 * 8, len(prompts), 512, dtype=kv_dtype, device="cuda")
+        for row, p in enumerate(prompts):
+            cache.reserve(row, len(p) + FP8_STEPS)
+        logits = [prefill(model, cache, prompts)]
+        positions = torch.tensor([len(p) for p in prompts], device="cuda")
+        for i in range(FP8_STEPS):
+            tokens = logits[-1].argmax(-1) if forced is None else forced[i]
+            logits.append(decode_step(model, cache.kv, cache.block_table, tokens, positions, cache.kv_scale))
+            positions = positions + 1
+        return torch.stack(logits).float()
+
+    model = Transformer(PRESETS["medium"]).init_random(seed=0).to(device="cuda", dtype=torch.bfloat16).eval()
+    model.keep_float32_parts()
+    bf16 = run(model, torch.bfloat16)
+    forced = bf16.argmax(-1)
+    fp8 = run(model, torch.float8_e4m3fn, forced)
+    fp8_max, fp8_mean, fp8_agree = drift(fp8, bf16)
+    print(f"\nmedium preset, {forced.numel()} teacher-forced positions, largest |logit| {bf16.abs().max().item():.2f}, "
+          f"mean |logit| {bf16.abs().mean().item():.3f}:\n  FP8 vs bf16 cache: max |logit diff| {fp8_max:.3f}, "
+          f"mean {fp8_mean:.4f}, greedy agreement {fp8_agree:.0%}")
+    assert fp8_agree >= 0.6
+    assert fp8_max <= bf16.abs().max().item()

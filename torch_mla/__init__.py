@@ -18,7 +18,7 @@ import warnings
 from . import flash_mla, ops, reference
 from .flash_mla import flash_mla_with_kvcache
 from .flash_mla import get_mla_metadata_tensors as get_mla_metadata
-from .ops import decode, dequantize_fp8, get_metadata, quantize_fp8, write_cache
+from .ops import decode, dequantize_fp8, get_metadata, quantize_fp8, quantize_rows_fp8, write_cache
 
 __version__ = "0.1.0"
 
@@ -91,6 +91,7 @@ __all__ = [
     "get_metadata",
     "write_cache",
     "quantize_fp8",
+    "quantize_rows_fp8",
     "dequantize_fp8",
     "flash_mla",
     "flash_mla_with_kvcache",

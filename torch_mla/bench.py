@@ -28,11 +28,15 @@ import time
 import torch
 
 import torch_mla
-from torch_mla import reference
+from torch_mla import ops, reference
 from torch_mla.testing import random_inputs
 from torch_mla.ops import HEAD_DIM, HEAD_DIM_V
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+# fp8: a bf16 q over an e4m3 cache (the op quantizes q row by row). Its rows also time torch-mla's
+# bf16 kernel on the bf16 cache the e4m3 one was quantized from ("torch_mla_bf16"), alternating
+# with the others, and FlashMLA (bf16: it has no FP8 dense path) on that bf16 cache.
+FP8_SCALE = 1 / 64  # descale_k of the bench's e4m3 caches (randn values: |x| / scale well inside 448)
 # The classes the summary reports (geometric mean of the ratio in each).
 CLASSES = ("compute-bound (b=128, h_q*s_q >= 128)", "memory-bound (b=128, h_q*s_q <= 64)", "small batch (b < 128)")
 
@@ -59,14 +63,17 @@ def measure_ceilings() -> dict:
     return {"copy_GBps": copy_gbs, "matmul_TFLOPs": mm_tflops}
 
 
-def check(q, kv_cache, block_table, lens, out, lse, causal, max_seqs=8):
-    """Relative error of out and max abs error of lse against the reference, on a few sequences."""
+def check(q, kv_cache, block_table, lens, out, lse, causal, max_seqs=8, descale_k=None):
+    """Relative error of out and max abs error of lse against the reference, on a few sequences
+    (bounds: 1e-2 / 1e-3, and the contract's FP8 bounds over an e4m3 cache)."""
     idx = torch.randperm(q.shape[0])[:max_seqs].cuda()
-    ref_out, ref_lse = reference.decode(q[idx], kv_cache, block_table[idx], lens[idx], HEAD_DIM_V, HEAD_DIM ** -0.5, causal)
+    ref_out, ref_lse = reference.decode(q[idx], kv_cache, block_table[idx], lens[idx], HEAD_DIM_V, HEAD_DIM ** -0.5,
+                                        causal, descale_k=descale_k)
     got = out[idx].float()
     rel = ((got - ref_out.float()).norm() / ref_out.float().norm()).item()
     lse_err = (lse[idx] - ref_lse).abs().max().item()
-    ok = rel < 1e-2 and lse_err < 1e-3 and not out.isnan().any().item()
+    out_bound, lse_bound = (1e-2, 1e-3) if descale_k is None else (ops.FP8_OUT_RTOL, ops.FP8_LSE_ATOL)
+    ok = rel < out_bound and lse_err < lse_bound and not out.isnan().any().item()
     return ok, rel, lse_err
 
 
@@ -75,10 +82,10 @@ def check(q, kv_cache, block_table, lens, out, lse, causal, max_seqs=8):
 # --------------------------------------------------------------------------------------------
 
 
-def torch_mla_call(q, kv_cache, block_table, lens, causal):
+def torch_mla_call(q, kv_cache, block_table, lens, causal, descale_k=None):
     md, ns = torch_mla.get_metadata(lens, q.shape[1] * q.shape[2], 1)
     return lambda: torch_mla.decode(q, kv_cache, block_table, lens, causal=causal, tile_scheduler_metadata=md,
-                                    num_splits=ns)
+                                    num_splits=ns, descale_k=descale_k)
 
 
 def load_baseline(choice: str):
@@ -130,19 +137,27 @@ def row_class(row: dict) -> str:
 
 def bench_shape(batch, s_q, h_q, seqlen, varlen, ceilings, dtype=torch.bfloat16, flash_mla=None, causal=True,
                 seed=0) -> dict:
-    q, kv_cache, block_table, lens = random_inputs(batch, s_q, h_q, seqlen, varlen=varlen, dtype=dtype, device="cuda",
-                                                   seed=seed)
-    calls = {"torch_mla": torch_mla_call(q, kv_cache, block_table, lens, causal)}
+    fp8 = dtype == torch.float8_e4m3fn
+    q, kv_cache, block_table, lens = random_inputs(batch, s_q, h_q, seqlen, varlen=varlen,
+                                                   dtype=torch.bfloat16 if fp8 else dtype, device="cuda", seed=seed)
+    descale_k = torch.tensor([FP8_SCALE], device="cuda") if fp8 else None
+    cache = torch_mla.quantize_fp8(kv_cache, descale_k) if fp8 else kv_cache
+    calls = {"torch_mla": torch_mla_call(q, cache, block_table, lens, causal, descale_k)}
+    if fp8:
+        calls["torch_mla_bf16"] = torch_mla_call(q, kv_cache, block_table, lens, causal)
     if flash_mla is not None:
         calls["flashmla"] = flashmla_call(flash_mla, q, kv_cache, block_table, lens, causal)
     total_kv = int(lens.sum())
-    nbytes = (total_kv * HEAD_DIM + batch * s_q * h_q * HEAD_DIM + batch * s_q * h_q * HEAD_DIM_V) * 2
+    nbytes = total_kv * HEAD_DIM * cache.element_size() + (batch * s_q * h_q * (HEAD_DIM + HEAD_DIM_V)) * 2
     flops = 2 * s_q * h_q * total_kv * (HEAD_DIM + HEAD_DIM_V)
     row = {"b": batch, "s_q": s_q, "seqlen": seqlen, "h_q": h_q, "varlen": varlen, "causal": causal,
-           "dtype": str(dtype).removeprefix("torch."), "total_kv": total_kv, "bytes": nbytes, "flops": flops}
+           "dtype": "fp8" if fp8 else str(dtype).removeprefix("torch."), "total_kv": total_kv, "bytes": nbytes,
+           "flops": flops}
     for name, call in calls.items():
         out, lse = call()
-        ok, rel, lse_err = check(q, kv_cache, block_table, lens, out, lse, causal)
+        ours_fp8 = name == "torch_mla" and fp8
+        ok, rel, lse_err = check(q, cache if ours_fp8 else kv_cache, block_table, lens, out, lse, causal,
+                                 descale_k=descale_k if ours_fp8 else None)
         row[name] = {"ok": ok, "out_rel_err": rel, "lse_abs_err": lse_err}
     for name, (eager_us, graph_us) in time_alternating(calls).items():
         row[name].update(us=eager_us, graph_us=graph_us)
@@ -154,7 +169,7 @@ def bench_shape(batch, s_q, h_q, seqlen, varlen, ceilings, dtype=torch.bfloat16,
 
 def add_figures(row: dict, ceilings: dict) -> None:
     """Rates, fractions of the ceilings and, with a baseline, the ratios (FlashMLA µs / ours)."""
-    for name in ("torch_mla", "flashmla"):
+    for name in ("torch_mla", "torch_mla_bf16", "flashmla"):
         k = row.get(name)
         if k is None:
             continue
@@ -165,6 +180,9 @@ def add_figures(row: dict, ceilings: dict) -> None:
     if "flashmla" in row:
         row["ratio"] = row["flashmla"]["us"] / row["torch_mla"]["us"]
         row["graph_ratio"] = row["flashmla"]["graph_us"] / row["torch_mla"]["graph_us"]
+    if "torch_mla_bf16" in row:  # an fp8 row: the speed-up over torch-mla's own bf16 kernel
+        row["fp8_speedup"] = row["torch_mla_bf16"]["us"] / row["torch_mla"]["us"]
+        row["fp8_graph_speedup"] = row["torch_mla_bf16"]["graph_us"] / row["torch_mla"]["graph_us"]
 
 
 def format_row(row: dict) -> str:
@@ -173,6 +191,10 @@ def format_row(row: dict) -> str:
             f"{'var' if row['varlen'] else 'fix'} ok={ours['ok']!s:<5} us={ours['us']:8.1f} "
             f"graph_us={ours['graph_us']:8.1f} {row['dtype']} TFLOP/s={ours['TFLOPs']:5.0f} "
             f"copy%={100 * ours['frac_copy']:4.0f} mm%={100 * ours['frac_matmul']:4.0f}")
+    bf16 = row.get("torch_mla_bf16")
+    if bf16 is not None:
+        line += (f" | torch-mla bf16 us={bf16['us']:8.1f} graph_us={bf16['graph_us']:8.1f} "
+                 f"fp8_x={row['fp8_speedup']:.2f} graph_fp8_x={row['fp8_graph_speedup']:.2f}")
     base = row.get("flashmla")
     if base is not None:
         line += (f" | flashmla ok={base['ok']!s:<5} us={base['us']:8.1f} graph_us={base['graph_us']:8.1f} "
@@ -192,7 +214,7 @@ def summarize(rows: list[dict]) -> dict:
     """
     out = {}
     for cls in CLASSES:
-        mine = [r for r in rows if "ratio" in r and row_class(r) == cls]
+        mine = [r for r in rows if "ratio" in r and row_class(r) == cls and r["dtype"] != "fp8"]
         if not mine:
             continue
         out[cls] = {"rows": len(mine)}
@@ -200,6 +222,35 @@ def summarize(rows: list[dict]) -> dict:
             vals = [r[key] for r in mine]
             out[cls][key] = {"geomean": _geomean(vals), "min": min(vals), "max": max(vals)}
     return out
+
+
+def summarize_fp8(rows: list[dict]) -> dict:
+    """Per class of fp8 rows: the speed-up over torch-mla's bf16 kernel (bf16 µs / fp8 µs) on both
+    timings, and the ratio to FlashMLA's bf16 where it ran; geometric mean, min and max."""
+    out = {}
+    for cls in CLASSES:
+        mine = [r for r in rows if "fp8_speedup" in r and row_class(r) == cls]
+        if not mine:
+            continue
+        out[cls] = {"rows": len(mine)}
+        for key in ("fp8_speedup", "fp8_graph_speedup", "ratio", "graph_ratio"):
+            vals = [r[key] for r in mine if key in r]
+            if vals:
+                out[cls][key] = {"geomean": _geomean(vals), "min": min(vals), "max": max(vals)}
+    return out
+
+
+def format_fp8_summary(summary: dict) -> list[str]:
+    lines = []
+    for cls, s in summary.items():
+        e, g = s["fp8_speedup"], s["fp8_graph_speedup"]
+        line = (f"fp8 {cls}: {s['rows']} rows, torch-mla bf16 / fp8 geomean {e['geomean']:.3f} "
+                f"(min {e['min']:.2f}, max {e['max']:.2f}); graph replay {g['geomean']:.3f} "
+                f"(min {g['min']:.2f}, max {g['max']:.2f})")
+        if "ratio" in s:
+            line += f"; FlashMLA bf16 / torch-mla fp8 {s['ratio']['geomean']:.3f}"
+        lines.append(line)
+    return lines
 
 
 def format_summary(summary: dict) -> list[str]:
@@ -297,16 +348,16 @@ def run_kernel_sweep(args) -> int:
                                   seed=seed)
                 results.append(row)
                 print(format_row(row), flush=True)
-    summary = summarize(results)
-    for line in format_summary(summary):
+    summary, fp8_summary = summarize(results), summarize_fp8(results)
+    for line in format_summary(summary) + format_fp8_summary(fp8_summary):
         print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "torch": torch.__version__, "commit": args.commit or _commit(),
                        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
                        "baseline": flash_mla.__file__ if flash_mla else None, "ceilings": ceilings,
-                       "summary": summary, "rows": results}, f, indent=1)
-    bad = [r for r in results for k in ("torch_mla", "flashmla") if k in r and not r[k]["ok"]]
+                       "summary": summary, "fp8_summary": fp8_summary, "rows": results}, f, indent=1)
+    bad = [r for r in results for k in ("torch_mla", "torch_mla_bf16", "flashmla") if k in r and not r[k]["ok"]]
     if bad:
         print(f"bench: {len(bad)} results failed the reference check", file=sys.stderr)
         return 1
@@ -319,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="python -m torch_mla.bench decoder --help: the reference decoder's eager / compiled / CUDA-graph modes")
     parser.add_argument("--quick", action="store_true", help="a few representative shapes")
     parser.add_argument("--small", action="store_true", help="only the small-batch rows")
-    parser.add_argument("--dtype", type=_dtype_list, default=["bf16"], help="bf16, fp16 or both: bf16,fp16")
+    parser.add_argument("--dtype", type=_dtype_list, default=["bf16"],
+                        help="bf16, fp16, fp8 (a bf16 q over an e4m3 cache, beside torch-mla's bf16 kernel), "
+                             "or a list: bf16,fp8")
     parser.add_argument("--baseline", choices=("auto", "flashmla", "none"), default="auto",
                         help="time FlashMLA on the same inputs: auto (when flash_mla is importable, the default), "
                              "flashmla (required), none")

@@ -28,15 +28,20 @@ host sync reads them; they must be positive and finite (a value rule, checked wh
 
 * ``write_cache`` into an e4m3 cache quantizes ``[kv_c | k_pe]`` (bf16, fp16 or fp32) with its
   ``scale``; a bf16/fp16/fp32 cache takes no scale.
-* ``decode`` reads an e4m3 ``kv_cache`` with ``descale_k`` (the same scale). q is bf16, fp16
-  (fp32 on the CPU), used as it is, or e4m3 with ``descale_q`` (its own scale; the cache must be
-  e4m3 too). It computes the attention over the dequantized q and cache: ``out`` and ``lse``
-  are what float64 attention over ``dequantize(q)`` and ``dequantize(kv_cache)`` gives, within
-  ``FP8_OUT_RTOL`` relative to the largest magnitude of each row of ``out`` and within
-  ``FP8_LSE_ATOL`` absolute on ``lse``. That bound leaves room for a kernel that rounds the
-  dequantized values or the probabilities to bf16 (2^-9 relative each); the CPU reference
-  computes in float32 and stays within one rounding of ``out`` to its dtype. ``out`` is in q's
-  dtype, and bfloat16 for an e4m3 q (as vLLM's FP8 FlashMLA gives); ``lse`` is float32.
+* ``decode`` reads an e4m3 ``kv_cache`` with ``descale_k`` (the same scale). q is e4m3 with
+  ``descale_q`` (its own scale; the cache must be e4m3 too), or bf16, fp16 (fp32 on the CPU),
+  which the op quantizes row by row (:func:`quantize_rows_fp8`: each 576-dim query row of one
+  sequence, position and head gets the scale ``amax / 448``, so the row's largest magnitude is
+  e4m3's largest, and no scale is needed from the caller). It computes the attention over the
+  dequantized q and cache: ``out`` and ``lse`` are what float64 attention over
+  ``dequantize(q8)`` and ``dequantize(kv_cache)`` gives, within ``FP8_OUT_RTOL`` relative to the
+  largest magnitude of each row of ``out`` and within ``FP8_LSE_ATOL`` absolute on ``lse``. That
+  bound leaves room for a kernel that computes both products on FP8 tensor cores: the
+  probabilities rounded to e4m3 (2^-4 relative) and normalised by the sum of the rounded values,
+  so that ``out`` stays a weighted mean of the V rows (the CUDA kernel does this; the lse uses the
+  unrounded sum). The CPU reference computes in float32 and stays within one rounding of ``out``
+  to its dtype. ``out`` is in q's dtype, and bfloat16 for an e4m3 q (as vLLM's FP8 FlashMLA
+  gives); ``lse`` is float32.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ __all__ = [
     "get_metadata",
     "write_cache",
     "quantize_fp8",
+    "quantize_rows_fp8",
     "dequantize_fp8",
     "debug_mode",
 ]
@@ -538,6 +544,19 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if _checks_values(scale):
         _check_scale_value(op, "scale", scale)
     return reference.quantize_fp8(x, scale)
+
+
+def quantize_rows_fp8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` (bf16, fp16 or fp32, any shape) as float8_e4m3fn with one scale per row (last dim):
+    what :func:`decode` does to a bf16/fp16/fp32 q over an FP8 cache.
+
+    ``scale = amax / 448`` in float32 (amax: the row's largest magnitude, NaN ignored; 1 for a
+    row of zeros) and ``q8 = quantize_fp8(q, scale)``. Returns ``(q8, scale)``, scale of shape
+    ``q.shape[:-1] + (1,)``.
+    """
+    op = "quantize_rows_fp8"
+    _check_dtype(op, "q", q, _DTYPES)
+    return reference.quantize_rows_fp8(q)
 
 
 def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -22,6 +22,16 @@ def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.float() * scale
 
 
+def quantize_rows_fp8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row (last dim) of ``q`` as e4m3 with its own scale: ``scale = amax / 448`` (amax of the
+    row's finite and infinite magnitudes, NaN ignored; 1 for a row of zeros), ``quantize_fp8(q,
+    scale)``. Returns ``(q8, scale)``, scale float32 of shape ``q.shape[:-1] + (1,)``."""
+    mag = q.float().abs()
+    amax = torch.where(mag.isnan(), torch.zeros((), device=q.device), mag).amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones((), device=q.device))
+    return quantize_fp8(q, scale), scale
+
+
 def _used_columns(block_table: torch.Tensor, cache_seqlens: torch.Tensor, block_size: int) -> int:
     """Block-table columns the longest sequence reaches, so that the cost follows the lengths, not
     the table's width. That needs the lengths on the host: read them only where it is free (CPU
@@ -73,7 +83,12 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, c
     returned in ``out_dtype`` (default q's dtype)."""
     batch, s_q, h_q, _ = q.shape
     kv, positions, seqlens = _gather_pages(kv_cache, block_table, cache_seqlens, descale_k)
-    qf = q.float() if descale_q is None else dequantize_fp8(q, descale_q)
+    if descale_q is not None:
+        qf = dequantize_fp8(q, descale_q)
+    elif descale_k is not None:  # a bf16/fp16/fp32 q over an e4m3 cache: quantized row by row
+        qf = dequantize_fp8(*quantize_rows_fp8(q))
+    else:
+        qf = q.float()
     # Last key each query row may see: L - 1 for all rows, or L - s_q + i when causal.
     last = (seqlens - 1)[:, None].expand(batch, s_q)
     if causal:

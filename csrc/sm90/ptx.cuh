@@ -54,13 +54,14 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
-// wgmma shared-memory descriptor, 128-byte swizzle. lbo/sbo in bytes.
-__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+// wgmma shared-memory descriptor. lbo/sbo in bytes; swizzle: the layout type, 1 = 128-byte
+// swizzle (the default), 2 = 64-byte swizzle.
+__device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint32_t sbo, uint32_t swizzle = 1) {
   uint64_t d = 0;
   d |= static_cast<uint64_t>((addr >> 4) & 0x3FFF);
   d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
   d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
-  d |= static_cast<uint64_t>(1) << 62;  // SWIZZLE_128B
+  d |= static_cast<uint64_t>(swizzle) << 62;
   return d;
 }
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {

@@ -1,10 +1,12 @@
-// Host side of the sm90 decode: TMA tensor maps, launch of the split-KV kernel, then the combine.
+// Host side of the sm90 decode: TMA tensor maps, launch of the split-KV kernel (bf16/fp16, or
+// e4m3: kernel_fp8.cuh), then the combine.
 
 #include <atomic>
 #include <stdexcept>
 #include <string>
 
 #include "sm90/decode/kernel.cuh"
+#include "sm90/decode/kernel_fp8.cuh"
 
 namespace mla {
 namespace {
@@ -25,15 +27,14 @@ EncodeTiled encode_fn() {
   return fn;
 }
 
-// A rank-dim tensor of 16-bit elements; dims/strides innermost first (strides in bytes, dims >= 1).
-CUtensorMap make_map(const void* base, DType dtype, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
-                     const cuuint32_t* box) {
+// A rank-dim tensor; dims/strides innermost first (strides in bytes, dims >= 1).
+CUtensorMap make_map(const void* base, CUtensorMapDataType type, CUtensorMapSwizzle swizzle, int rank,
+                     const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
   CUtensorMap map;
   const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
-  CUresult r = encode_fn()(&map, dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                           rank, const_cast<void*>(base), dims, strides, box, elem_strides,
-                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  CUresult r = encode_fn()(&map, type, rank, const_cast<void*>(base), dims, strides, box, elem_strides,
+                           CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) throw std::runtime_error("mla.decode: cuTensorMapEncodeTiled failed with code " + std::to_string(int(r)));
   return map;
 }
@@ -52,12 +53,13 @@ void launch_typed(const Params& p, cudaStream_t stream) {
   const cuuint64_t q_strides[3] = {static_cast<cuuint64_t>(p.q_row_stride) * kElem, kChunkStride,
                                    static_cast<cuuint64_t>(p.q_batch_stride) * kElem};
   const cuuint32_t box[4] = {sm90::kChunkCols, 64, sm90::kChunks, 1};
-  const CUtensorMap tmap_q = make_map(p.q, p.dtype, 4, q_dims, q_strides, box);
+  const auto type = p.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMap tmap_q = make_map(p.q, type, CU_TENSOR_MAP_SWIZZLE_128B, 4, q_dims, q_strides, box);
   const cuuint64_t kv_dims[4] = {sm90::kChunkCols, kPageSize, sm90::kChunks, static_cast<cuuint64_t>(p.num_blocks)};
   const cuuint64_t kv_strides[3] = {static_cast<cuuint64_t>(p.kv_row_stride) * kElem, kChunkStride,
                                     static_cast<cuuint64_t>(p.kv_block_stride) * kElem};
   const cuuint32_t kv_box[4] = {sm90::kChunkCols, kPageSize / 2, 1, 1};
-  const CUtensorMap tmap_kv = make_map(p.kv_cache, p.dtype, 4, kv_dims, kv_strides, kv_box);
+  const CUtensorMap tmap_kv = make_map(p.kv_cache, type, CU_TENSOR_MAP_SWIZZLE_128B, 4, kv_dims, kv_strides, kv_box);
 
   static std::atomic<uint64_t> smem_set{0};
   opt_in_dynamic_smem(reinterpret_cast<const void*>(&sm90::decode_kernel<T>), sm90::kSmemAlloc, smem_set, "mla.decode");
@@ -65,10 +67,39 @@ void launch_typed(const Params& p, cudaStream_t stream) {
   sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
 }
 
+// The e4m3 kernel: the same views in bytes, 64 columns (64 bytes) a chunk, 64B swizzle; a page
+// lands in one box (the kernel refills it whole).
+template <typename T>
+void launch_fp8(const Params& p, cudaStream_t stream) {
+  constexpr cuuint64_t kChunkStride = sm90::kChunkCols;
+  const cuuint64_t q_dims[4] = {sm90::kChunkCols, static_cast<cuuint64_t>(p.rows), sm90::kChunks,
+                                static_cast<cuuint64_t>(p.batch)};
+  const cuuint64_t q_strides[3] = {static_cast<cuuint64_t>(p.q_row_stride), kChunkStride,
+                                   static_cast<cuuint64_t>(p.q_batch_stride)};
+  const cuuint32_t box[4] = {sm90::kChunkCols, 64, sm90::kChunks, 1};
+  const CUtensorMap tmap_q =
+      make_map(p.q, CU_TENSOR_MAP_DATA_TYPE_UINT8, CU_TENSOR_MAP_SWIZZLE_64B, 4, q_dims, q_strides, box);
+  const cuuint64_t kv_dims[4] = {sm90::kChunkCols, kPageSize, sm90::kChunks, static_cast<cuuint64_t>(p.num_blocks)};
+  const cuuint64_t kv_strides[3] = {static_cast<cuuint64_t>(p.kv_row_stride), kChunkStride,
+                                    static_cast<cuuint64_t>(p.kv_block_stride)};
+  const CUtensorMap tmap_kv =
+      make_map(p.kv_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, CU_TENSOR_MAP_SWIZZLE_64B, 4, kv_dims, kv_strides, box);
+
+  static std::atomic<uint64_t> smem_set{0};
+  opt_in_dynamic_smem(reinterpret_cast<const void*>(&sm90::fp8::decode_kernel<T>), sm90::fp8::kSmemAlloc, smem_set,
+                      "mla.decode");
+  const dim3 grid((p.rows + kTileRows - 1) / kTileRows, p.num_parts);
+  sm90::fp8::decode_kernel<T><<<grid, sm90::kThreads, sm90::fp8::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
+}
+
 }  // namespace
 
 void launch_decode(const Params& p, cudaStream_t stream) {
-  if (p.dtype == DType::kBF16)
+  if (p.fp8 && p.dtype == DType::kBF16)
+    launch_fp8<__nv_bfloat16>(p, stream);
+  else if (p.fp8)
+    launch_fp8<__half>(p, stream);
+  else if (p.dtype == DType::kBF16)
     launch_typed<__nv_bfloat16>(p, stream);
   else
     launch_typed<__half>(p, stream);

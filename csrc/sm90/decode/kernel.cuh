@@ -106,6 +106,97 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&a)[4], int t) {
   a[3] = upper ? a[3] : r1;
 }
 
+// The score warpgroup's first softmax step on one page: S (the wgmma m64n64 accumulator: rows
+// r0, r0 + 8; tokens 8 j + col_base + {0, 1}) masked to -inf at and past each row's limit (only on a
+// page that reaches one), and each row's raw maximum over the page (a quad of lanes holds a row).
+__device__ __forceinline__ void mask_and_row_max(float (&s)[32], int page, int col_base, const int (&limit)[2],
+                                                 float (&mx)[2]) {
+  const int tok0 = page * kPageSize + col_base;
+  if ((page + 1) * kPageSize > min(limit[0], limit[1])) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (tok0 + 8 * j + (e % 2) >= limit[e / 2]) s[4 * j + e] = -INFINITY;
+  }
+  mx[0] = mx[1] = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+  }
+}
+
+// The score warpgroup at a sequence's last page, rows row0 + r0 and + 8 (r0: this thread's first
+// row in the tile; a quad of lanes holds a row): the row sums l (of probabilities exp2(s - m)
+// times 2^m_shift) over the quad, each row's lse (natural log) into lse, or into lse_accum at
+// workspace slot `slot` (>= 0: the sequence is split), and numer / sum into inv_l[r0], inv_l[r0 + 8]
+// for the value warpgroups' epilogue; thread 0 records the slot.
+__device__ __forceinline__ void finish_rows(const Params& p, const float (&l)[2], const float (&m)[2], float m_shift,
+                                            float numer, float* inv_l, int* slot_out, int slot, int b, int row0,
+                                            int r0, int lane, int tid) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float total = l[h];
+    total += __shfl_xor_sync(0xffffffff, total, 1);
+    total += __shfl_xor_sync(0xffffffff, total, 2);
+    const float lse = total > 0.f ? (m[h] - m_shift + log2f(total)) * 0.69314718055994531f : -INFINITY;
+    const int row = row0 + r0 + 8 * h;
+    if (lane % 4 == 0) {
+      inv_l[r0 + 8 * h] = total > 0.f ? numer / total : 0.f;
+      if (tid == 0 && h == 0) *slot_out = slot;
+      if (row < p.rows) {
+        if (slot < 0)
+          p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] = lse == -INFINITY ? INFINITY : lse;
+        else
+          p.lse_accum[static_cast<int64_t>(slot) * p.rows + row] = lse;
+      }
+    }
+  }
+}
+
+// The epilogue of a sequence's last page in a value warpgroup: its 256 columns (v) of rows
+// row0 and row0 + 8 of O (the wgmma accumulator, times inv[h] = 1 / row sum) into out (T), or
+// as fp32 partials into workspace slot `slot` (>= 0) for the combine. Every lane must call it.
+template <typename T>
+__device__ __forceinline__ void store_rows(const Params& p, const float (&o)[128], const float (&inv)[2], int slot,
+                                           int b, int row0, int v, int lane) {
+  // The accumulator layout gives a lane 2 adjacent columns of every 8: a quad of lanes holds
+  // 32 adjacent columns of a row per 4 steps of j. For the output (2-byte elements) a transpose
+  // within the quad gives each lane 8 adjacent columns, so a row goes out in 16-byte stores:
+  // 4x fewer store instructions than 4-byte ones, and whole 32-byte sectors.
+  const int t = lane % 4, col_base = 2 * t;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 8 * h;
+    const bool keep = row < p.rows;  // the shuffles need every lane; only the stores are predicated
+    if (slot < 0) {
+      T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + v * 256;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        uint32_t w[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          w[i] = pack2<T>(o[4 * (4 * k + i) + 2 * h] * inv[h], o[4 * (4 * k + i) + 2 * h + 1] * inv[h]);
+        quad_transpose(w, t);  // w[i]: columns 8 (4 k + t) + 2 i, + 1
+        if (keep) *reinterpret_cast<uint4*>(dst + 8 * (4 * k + t)) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    } else {
+      // fp32 partials: a lane's 2 columns are 8 bytes, so a quad already writes whole 32-byte sectors.
+      float* dst = p.out_accum + (static_cast<int64_t>(slot) * p.rows + row) * kHeadDimV + v * 256 + col_base;
+      if (keep) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j)
+          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------ the kernel
 
 __device__ __forceinline__ int pages_in(int seqlen) { return seqlen > 0 ? (seqlen + kPageSize - 1) / kPageSize : 0; }
@@ -253,24 +344,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       // The row max is taken of the raw scores (softmax_scale > 0, so it commutes with the scaling),
       // and each probability is exp2(s * scale - m): one FFMA before the exp2. Only a page that reaches
       // a row's limit (the sequence end, or the causal limit) is masked.
-      const int tok0 = page * kPageSize + col_base;
-      if ((page + 1) * kPageSize > min(limit[0], limit[1])) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (tok0 + 8 * j + (e % 2) >= limit[e / 2]) s[4 * j + e] = -INFINITY;
-      }
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
+      float mx[2];
+      mask_and_row_max(s, page, col_base, limit, mx);
       float sc[2], m_use[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
         // The running max moves only when a page's max exceeds it by more than kMaxSlack (log2):
         // probabilities then stay below 2^kMaxSlack (exact in fp32, in range in bf16 and fp16), and on
         // most pages no row moves its max, so sc = 1 and the value warpgroups skip O's rescale.
@@ -321,28 +399,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async();  // P and the zeroed rows, written by threads, are read by wgmma next
       mbar_arrive(bar_pfull + 8 * stage);
       p_half(1);
-      if (last) {
-        const int split = b == st.begin_b ? begin_split : 0;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float total = l[h];
-          total += __shfl_xor_sync(0xffffffff, total, 1);
-          total += __shfl_xor_sync(0xffffffff, total, 2);
-          const float lse = total > 0.f ? (m[h] + log2f(total)) * 0.69314718055994531f : -INFINITY;
-          const int row = m_tile * 64 + r0 + 8 * h;
-          if (lane % 4 == 0) {
-            inv_l_s[stage * 64 + r0 + 8 * h] = total > 0.f ? 1.f / total : 0.f;
-            if (tid == 0 && h == 0) slot_s[stage] = n_splits == 1 ? -1 : split_base + split;
-            if (row < p.rows) {
-              if (n_splits == 1)
-                p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] =
-                    lse == -INFINITY ? INFINITY : lse;
-              else
-                p.lse_accum[static_cast<int64_t>(split_base + split) * p.rows + row] = lse;
-            }
-          }
-        }
-      }
+      if (last)
+        finish_rows(p, l, m, 0.f, 1.f, inv_l_s + stage * 64, slot_s + stage,
+                    n_splits == 1 ? -1 : split_base + (b == st.begin_b ? begin_split : 0), b, m_tile * 64, r0, lane, tid);
       fence_proxy_async();
       mbar_arrive(bar_pfull2 + 8 * stage);
       if (tid == 0) tl::page(g, tl::kPReady);
@@ -446,38 +505,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0) tl::page(g, tl::kRefillIssued);
       }
       if (refill) ld_next();
-      if (last) {
-        // The accumulator layout gives a lane 2 adjacent columns of every 8: a quad of lanes holds
-        // 32 adjacent columns of a row per 4 steps of j. For the output (2-byte elements) a transpose
-        // within the quad gives each lane 8 adjacent columns, so a row goes out in 16-byte stores:
-        // 4x fewer store instructions than 4-byte ones, and whole 32-byte sectors.
-        const int t = lane % 4;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = m_tile * 64 + r0 + 8 * h;
-          const bool keep = row < p.rows;  // the shuffles need every lane; only the stores are predicated
-          if (slot < 0) {
-            T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + v * 256;
-#pragma unroll
-            for (int k = 0; k < 8; ++k) {
-              uint32_t w[4];
-#pragma unroll
-              for (int i = 0; i < 4; ++i)
-                w[i] = pack2<T>(o[4 * (4 * k + i) + 2 * h] * inv[h], o[4 * (4 * k + i) + 2 * h + 1] * inv[h]);
-              quad_transpose(w, t);  // w[i]: columns 8 (4 k + t) + 2 i, + 1
-              if (keep) *reinterpret_cast<uint4*>(dst + 8 * (4 * k + t)) = make_uint4(w[0], w[1], w[2], w[3]);
-            }
-          } else {
-            // fp32 partials: a lane's 2 columns are 8 bytes, so a quad already writes whole 32-byte sectors.
-            float* dst = p.out_accum + (static_cast<int64_t>(slot) * p.rows + row) * kHeadDimV + v * 256 + col_base;
-            if (keep) {
-#pragma unroll
-              for (int j = 0; j < 32; ++j)
-                *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
-            }
-          }
-        }
-      }
+      if (last) store_rows<T>(p, o, inv, slot, b, m_tile * 64 + r0, v, lane);
       advance(cur, st, p.cache_seqlens);
     }
     if (tid == 128) tl::end(g);

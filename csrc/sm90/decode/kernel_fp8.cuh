@@ -1,0 +1,352 @@
+// Hopper (sm90a) split-KV MLA decode over an FP8 (e4m3) cache, on the FP8 tensor cores.
+//
+// The CTA's work is the bf16 kernel's (kernel.cuh: one 64-row query tile x one scheduler stretch
+// of pages, 384 threads), with e4m3 operands in both products:
+//   WG0 (score warpgroup): per sequence the e4m3 Q tile by TMA (ops.cpp quantized a bf16/fp16 q
+//       row by row, csrc/common/quantize.cu); per page S = Q8 . K8^T (wgmma m64n64k32 e4m3, 18
+//       k-steps), each row scaled by its q scale * descale_k * softmax_scale, the online softmax,
+//       and P as two e4m3 terms into the page's P buffer (2 x 64 x 64 bytes, 64B swizzle).
+//   WG1, WG2 (value warpgroups): each owns 256 of the 512 output dims. 8-bit wgmma reads B only
+//       K-major, so each transposes its part of V (64 tokens x 256 dims of the page) into V^T
+//       (256 dims x 64 tokens) in shared memory, then O += P . V^T (wgmma m64n256k32 e4m3, 4
+//       k-steps: 2 per term of P). The transpose of page i+1 runs while P.V of page i is on the
+//       tensor cores.
+// Pages land whole (one TMA box: 64 rows x 9 chunks of 64 bytes, 64B swizzle) in three stages; a
+// stage is refilled once S and both transposes are done with it. V^T and P have two buffers each.
+//
+// Numerics (ops.py states the bound): the products are exact in the fp32 accumulators. P goes to
+// the tensor cores in two e4m3 terms, P = P_hi + P_lo (P_hi = e4m3(p), P_lo = e4m3(p - P_hi)), as
+// two more k-steps of the same wgmma chain against the same V^T: one e4m3 term alone is 2^-4
+// relative per probability, which puts out about 3% of a row's largest |out| off on random data;
+// two terms are about 2^-8. Probabilities are stored times 2^6 (kPScaleLog2): the running max
+// moves by more than kMaxSlack = 2 (log2) only, so 2^6 p <= 256 < 448, and P_lo keeps e4m3's full
+// precision for p down to 2^-8 of the running max.
+
+#pragma once
+
+#include <cuda_fp8.h>
+
+#include "sm90/decode/kernel.cuh"
+
+namespace mla::sm90::fp8 {
+
+constexpr int kChunkBytes = 64 * 64;                // 64 rows x 64 e4m3 (one 64B swizzle row each)
+constexpr int kPageBytes = kChunks * kChunkBytes;   // 36 KB: a page, or a Q tile
+constexpr int kStages = 3;                          // pages in flight
+constexpr int kVtBytes = kHeadDimV * 64;            // V^T: 512 dims x 64 tokens
+constexpr int kPBytes = 2 * 64 * 64;                // P: two terms of 64 rows x 64 tokens
+constexpr int kKSteps = kHeadDim / 32;              // 18
+constexpr float kMaxSlack = 2.f;
+constexpr float kPScaleLog2 = 6.f;                  // P is stored as e4m3 terms of 2^6 p
+// setmaxnreg: S of an 8-bit page and its softmax need few registers; the value warpgroups hold O
+// (128) and a transpose in flight. 88 + 2 * 208 = 504 = 3 * 168. (ptxas still spills 12 bytes.)
+constexpr int kRegsScore = 88, kRegsValue = 208;
+
+constexpr int kSmemQ = 0;
+constexpr int kSmemKV = kSmemQ + kPageBytes;                // kStages pages
+constexpr int kSmemVt = kSmemKV + kStages * kPageBytes;     // 2 x V^T
+constexpr int kSmemP = kSmemVt + 2 * kVtBytes;              // 2 x P
+constexpr int kSmemScale = kSmemP + 2 * kPBytes;            // float [2][64]: O rescale factor of the page
+constexpr int kSmemInvL = kSmemScale + 2 * 64 * 4;          // float [2][64]: descale_k / row sum (last page)
+constexpr int kSmemSlot = kSmemInvL + 2 * 64 * 4;           // int [2]: workspace slot of the split (-1: out)
+constexpr int kSmemBar = kSmemSlot + 64;                    // full[3], free[3], p_full[2], p_empty[2], q
+constexpr int kSmemUsed = kSmemBar + (2 * kStages + 4 + 1) * 8;
+constexpr int kSmemAlloc = kSmemUsed + 1024;
+static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
+
+// K-major operand in 64-byte swizzled rows: 8-row groups 512 bytes apart.
+__device__ __forceinline__ uint64_t desc_sw64(uint32_t addr) { return make_desc(addr, 16, 512, 2); }
+// Byte offset of (row, byte col) in a tile of 64-byte rows with the 64B swizzle (16-byte units of
+// a row XOR bits 1-2 of the row), as TMA writes it and wgmma reads it.
+__device__ __forceinline__ int sw64(int row, int col) { return row * 64 + ((((col >> 4) ^ (row >> 1)) & 3) << 4) + (col & 15); }
+
+using QK = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
+using PV = cute::SM90::GMMA::MMA_64x256x32_F32E4M3E4M3_SS_TN<>;
+
+// T: the output dtype (bf16 or fp16).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t s_base = smem_addr(smem);
+  const uint32_t s_kv = s_base + kSmemKV, s_q = s_base + kSmemQ;
+  float* scale_s = reinterpret_cast<float*>(smem + kSmemScale);
+  float* inv_l_s = reinterpret_cast<float*>(smem + kSmemInvL);
+  int* slot_s = reinterpret_cast<int*>(smem + kSmemSlot);
+  const uint32_t bar_full = s_base + kSmemBar;          // + 8 * stage: the page has landed (TMA)
+  const uint32_t bar_free = bar_full + 8 * kStages;     // S and both transposes are done with it (384)
+  const uint32_t bar_pfull = bar_free + 8 * kStages;    // + 8 * buffer: P and row factors written (128)
+  const uint32_t bar_pempty = bar_pfull + 8 * 2;        // P.V done with the P buffer (256)
+  const uint32_t bar_q = bar_pempty + 8 * 2;            // the Q tile has landed (TMA)
+
+  asm volatile("griddepcontrol.launch_dependents;");
+  const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  if (tid == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_q)) : "memory");
+  if (tid == 128) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_kv)) : "memory");
+  const int m_tile = blockIdx.x;
+  const MetadataRow& meta = p.metadata[blockIdx.y];
+  const Stretch st{meta.begin_batch, meta.begin_page, meta.end_batch, meta.end_page};
+  const int begin_split = meta.begin_split;
+  if (st.begin_b >= p.batch) return;
+  Cursor cur{st.begin_b, 0, 0};
+  settle(cur, st, p.cache_seqlens);
+  if (cur.b > st.end_b) return;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_full + 8 * s, 1);
+      mbar_init(bar_free + 8 * s, 384);
+    }
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(bar_pfull + 8 * s, 128);
+      mbar_init(bar_pempty + 8 * s, 256);
+    }
+    mbar_init(bar_q, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    fence_proxy_async();
+  }
+  __syncthreads();
+
+  const int r0 = warp * 16 + lane / 4;  // accumulator rows r0, r0 + 8
+  const int col_base = 2 * (lane % 4);
+  const float descale_k = *p.descale_k;
+
+  if (wg == 0) {
+    // ============================ score warpgroup
+    reg_dealloc<kRegsScore>();
+    float m[2], l[2], rs[2];  // running max (log2), row sums, score scale
+    int limit[2], seqlen = 0;
+    int prev_b = -1, split_base = 0, n_splits = 0;
+    uint32_t q_phase = 0;
+#pragma unroll 1
+    for (int g = 0; cur.b <= st.end_b; ++g) {
+      const int b = cur.b, page = cur.page;
+      const bool last = page + 1 == cur.hi;
+      if (b != prev_b) {
+        prev_b = b;
+        seqlen = p.cache_seqlens[b];
+        split_base = p.num_splits[b];
+        n_splits = p.num_splits[b + 1] - split_base;
+        const int row0 = m_tile * 64 + r0;
+        named_barrier(3, 128);  // every warp's S of the previous sequence has read Q
+        if (tid == 0) {
+          mbar_expect_tx(bar_q, kPageBytes);
+          tma_load_4d(s_q, &tmap_q, bar_q, 0, m_tile * 64, 0, b);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row0 + 8 * h;
+          const int sq = row / p.h_q;
+          limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
+          const float qs = row < p.rows ? p.q_scale[b * p.q_scale_batch_stride + row * p.q_scale_row_stride] : 1.f;
+          rs[h] = p.scale_log2 * qs * descale_k;
+          m[h] = -INFINITY;
+          l[h] = 0.f;
+        }
+        mbar_wait(bar_q, q_phase);
+        q_phase ^= 1;
+      }
+
+      // ---- S = Q K^T (64 rows x 64 tokens), e4m3 x e4m3 -> fp32
+      const int stage = g % kStages, pb = g % 2;
+      const uint32_t s_stage = s_kv + stage * kPageBytes;
+      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      float s[32];
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kKSteps; ++k) {
+        const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
+        gmma_ss<QK>(desc_sw64(s_q + koff), desc_sw64(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(s);
+      mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
+
+      // ---- online softmax (log2 domain), as in the bf16 kernel, with a scale per row
+      float mx[2];
+      mask_and_row_max(s, page, col_base, limit, mx);
+      float sc[2], m_use[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float page_max = mx[h] * rs[h];
+        const float m_new = page_max > m[h] + kMaxSlack ? page_max : m[h];
+        const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+        sc[h] = exp2f(m[h] - m_safe);
+        m_use[h] = m_safe - kPScaleLog2;  // exp2(s * rs - m_use) = 2^6 p
+        m[h] = m_new;
+        l[h] *= sc[h];
+      }
+      // ---- P (times 2^6, two e4m3 terms) into the P buffer, once P.V of the page two back is done with it
+      if (g >= 2) mbar_wait(bar_pempty + 8 * pb, ((g / 2) + 1) & 1);
+      uint8_t* p_smem = smem + kSmemP + pb * kPBytes;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float p0 = exp2f(fmaf(s[4 * j + 2 * h], rs[h], -m_use[h]));
+          const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], rs[h], -m_use[h]));
+          l[h] += p0 + p1;
+          const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
+          const float2 hf = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(hi, __NV_E4M3)));
+          const __nv_fp8x2_storage_t lo =
+              __nv_cvt_float2_to_fp8x2(make_float2(p0 - hf.x, p1 - hf.y), __NV_SATFINITE, __NV_E4M3);
+          const int off = sw64(r0 + 8 * h, 8 * j + col_base);
+          *reinterpret_cast<__nv_fp8x2_storage_t*>(p_smem + off) = hi;
+          *reinterpret_cast<__nv_fp8x2_storage_t*>(p_smem + kPBytes / 2 + off) = lo;
+        }
+      if (lane % 4 == 0) {
+        scale_s[pb * 64 + r0] = sc[0];
+        scale_s[pb * 64 + r0 + 8] = sc[1];
+      }
+      if (last)  // (O carries descale_k, V's scale, and 2^kPScaleLog2, P's, as the row sums do)
+        finish_rows(p, l, m, kPScaleLog2, descale_k, inv_l_s + pb * 64, slot_s + pb,
+                    n_splits == 1 ? -1 : split_base + (b == st.begin_b ? begin_split : 0), b, m_tile * 64, r0, lane, tid);
+      fence_proxy_async();  // P, written by threads, is read by wgmma next
+      mbar_arrive(bar_pfull + 8 * pb);
+      advance(cur, st, p.cache_seqlens);
+    }
+  } else {
+    // ============================ value warpgroups: V^T of their 256 dims, O += P V
+    reg_alloc<kRegsValue>();
+    const int v = wg - 1;
+    const bool producer = tid == 128;
+    Cursor ld = cur;
+    auto block_of = [&](const Cursor& c) {
+      return p.block_table[static_cast<int64_t>(c.b) * p.block_table_stride + c.page];
+    };
+    int next_block = producer ? block_of(ld) : 0;
+    auto issue = [&](int stage) {
+      mbar_expect_tx(bar_full + 8 * stage, kPageBytes);
+      tma_load_4d(s_kv + stage * kPageBytes, &tmap_kv, bar_full + 8 * stage, 0, 0, 0, next_block);
+    };
+    auto ld_next = [&] {
+      advance(ld, st, p.cache_seqlens);
+      if (ld.b <= st.end_b) next_block = block_of(ld);
+    };
+    if (producer) {
+      for (int s = 0; s < kStages && ld.b <= st.end_b; ++s) {
+        issue(s);
+        ld_next();
+      }
+    }
+
+    // The transpose: this thread moves 8 tokens x 16 dims, the 16-byte unit du of chunk 4 v + warp
+    // for tokens 8 tg .. 8 tg + 7. Its k-th read is token 8 tg + (k ^ tg), so that the 8 lanes of a
+    // read phase (one du, tg = 0..7) hit 8 different bank groups; two passes of 8-byte reads
+    // (the half hw = pass ^ (du & 1): the 16 lanes of a half-warp then differ in row parity, unit
+    // or half) keep 16 data registers live. The byte permutes undo the (k ^ tg) order.
+    // Addresses: in a 64B-swizzled tile, the offset of (row, byte) splits into bit fields that
+    // XOR, so each read and write is this thread's base address XOR a compile-time constant (no
+    // table of 32 offsets held across the loop).
+    const int tg = lane % 8, du = lane / 8, x = tg & 3;
+    const uint32_t sel_lo = (x & 1) ? 0x1504 : 0x5140, sel_hi = (x & 1) ? 0x3726 : 0x7362;
+    const uint32_t sel_b0 = (x & 2) ? 0x1054 : 0x5410, sel_b1 = (x & 2) ? 0x3276 : 0x7632;
+    const bool swap_quads = tg & 4;
+    // read k of the page, half hw: sw64(8 tg + (k ^ tg), 16 du + 8 hw) = rd_base ^ (8 hw') ^ rd_xor(k)
+    auto rd_xor = [](int y) { return static_cast<uint32_t>((y << 6) | ((y & 6) << 3)); };  // row y (< 8) of 64B rows
+    const uint32_t rd_base = (4 * v + warp) * kChunkBytes + 512 * tg + (8 * (du & 1)) + (rd_xor(tg) ^ (du << 4));
+    // write (dim n = 64 warp + 16 du + 8 hw + c, c = 4 w + e; tokens 8 tg..): sw64(n, 8 tg) = wr_base ^ (512 hw') ^ wr_xor(c)
+    auto wr_xor = [](int c) { return static_cast<uint32_t>((c << 6) | (((c >> 1) & 3) << 4)); };
+    const uint32_t wr_base = v * (kVtBytes / 2) + (64 * warp + 16 * du + 8 * (du & 1)) * 64 + 8 * (tg & 1) + (((tg >> 1) & 3) << 4);
+    Cursor tc = cur;  // the page the next transpose reads
+    int t_seq = -1, t_len = 0;
+    auto transpose = [&](int gi) {
+      const int stage = gi % kStages;
+      mbar_wait(bar_full + 8 * stage, (gi / kStages) & 1);
+      if (tc.b != t_seq) {
+        t_seq = tc.b;
+        t_len = p.cache_seqlens[tc.b];
+      }
+      const int valid = t_len - tc.page * kPageSize;  // rows at or past it hold anything (NaN too): zeros
+      const uint32_t src = (s_kv + stage * kPageBytes) + rd_base;  // (stage bases: multiples of 4 KB)
+      const uint32_t dst = (s_base + kSmemVt + (gi % 2) * kVtBytes) + wr_base;
+#pragma unroll
+      for (int pass = 0; pass < 2; ++pass) {
+        uint32_t r[8][2];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const int t = 8 * tg + (k ^ tg);
+          uint32_t w0, w1;
+          asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w0), "=r"(w1) : "r"(src ^ (8 * pass) ^ rd_xor(k)));
+          r[k][0] = t < valid ? w0 : 0u;
+          r[k][1] = t < valid ? w1 : 0u;
+        }
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          uint32_t out[2][4];  // [quad of registers][byte]: 4 tokens of dim 4 w + byte
+#pragma unroll
+          for (int G = 0; G < 2; ++G) {
+            const uint32_t u0 = __byte_perm(r[4 * G][w], r[4 * G + 1][w], sel_lo);
+            const uint32_t u1 = __byte_perm(r[4 * G][w], r[4 * G + 1][w], sel_hi);
+            const uint32_t u2 = __byte_perm(r[4 * G + 2][w], r[4 * G + 3][w], sel_lo);
+            const uint32_t u3 = __byte_perm(r[4 * G + 2][w], r[4 * G + 3][w], sel_hi);
+            out[G][0] = __byte_perm(u0, u2, sel_b0);
+            out[G][1] = __byte_perm(u0, u2, sel_b1);
+            out[G][2] = __byte_perm(u1, u3, sel_b0);
+            out[G][3] = __byte_perm(u1, u3, sel_b1);
+          }
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const uint32_t lo = swap_quads ? out[1][e] : out[0][e], hi = swap_quads ? out[0][e] : out[1][e];
+            asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(dst ^ (512 * pass) ^ wr_xor(4 * w + e)), "r"(lo),
+                         "r"(hi)
+                         : "memory");
+          }
+        }
+      }
+      fence_proxy_async();  // V^T, written by threads, is read by wgmma
+      mbar_arrive(bar_free + 8 * stage);
+      if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both transposes are done with it
+        mbar_wait(bar_free + 8 * stage, (gi / kStages) & 1);
+        issue(stage);
+        ld_next();
+      }
+      __syncwarp();
+      advance(tc, st, p.cache_seqlens);
+      named_barrier(4 + v, 128);  // the warpgroup's whole V^T is written
+    };
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    transpose(0);
+    int g = 0;
+#pragma unroll 1
+    for (; cur.b <= st.end_b; ++g) {
+      const int b = cur.b;
+      const bool last = cur.page + 1 == cur.hi;
+      const int pb = g % 2;
+      mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
+      const float sc0 = scale_s[pb * 64 + r0], sc1 = scale_s[pb * 64 + r0 + 8];
+      if (__any_sync(0xffffffff, sc0 != 1.f || sc1 != 1.f)) {
+#pragma unroll
+        for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
+      }
+      wgmma_fence();
+      const uint32_t s_p = s_base + kSmemP + pb * kPBytes;
+      const uint32_t s_vt = s_base + kSmemVt + pb * kVtBytes + v * (kVtBytes / 2);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)  // P_hi . V, then P_lo . V
+        gmma_ss<PV>(desc_sw64(s_p + (kk / 2) * (kPBytes / 2) + (kk % 2) * 32), desc_sw64(s_vt + (kk % 2) * 32), o, true,
+                    std::make_index_sequence<128>{});
+      wgmma_commit();
+      if (tc.b <= st.end_b) transpose(g + 1);  // into the other V^T buffer, which P.V of page g - 1 is done with
+      wgmma_wait<0>();
+      fence_regs(o);
+      float inv[2] = {0.f, 0.f};
+      int slot = 0;
+      if (last) {
+        inv[0] = inv_l_s[pb * 64 + r0];
+        inv[1] = inv_l_s[pb * 64 + r0 + 8];
+        slot = slot_s[pb];
+      }
+      mbar_arrive(bar_pempty + 8 * pb);
+      if (last) store_rows<T>(p, o, inv, slot, b, m_tile * 64 + r0, v, lane);
+      advance(cur, st, p.cache_seqlens);
+    }
+  }
+}
+
+}  // namespace mla::sm90::fp8

@@ -1,0 +1,174 @@
+"""The FP8 (e4m3) cache on the GPU: the Hopper FP8 kernel against the float64 oracle over the
+dequantized inputs, the quantizing write_cache against the CPU reference, CUDA-graph replay.
+Skipped where there is no GPU.
+
+Bound: the contract's (ops.FP8_OUT_RTOL of each row's largest |out|, ops.FP8_LSE_ATOL on lse).
+The kernel's products are exact in fp32 accumulators; its error is the rounding of P to e4m3
+(2^-4 relative, normalised by the rounded sum: ops.py) and of out to bf16/fp16.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import torch_mla
+from oracle import naive_decode
+from test_cuda_decode import poison_allocator
+from torch_mla import ops
+from torch_mla.ops import FP8, HEAD_DIM, HEAD_DIM_V, ROPE_DIM
+from torch_mla.testing import paged_inputs
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _kernel_present():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert torch_mla.has_cuda_kernel(), f"CUDA extension not loaded: {torch_mla.cuda_kernel_error()}"
+
+
+def fp8_inputs(seqlens, s_q, h_q, q_dtype, k_scale=0.02, q_scale=0.01, seed=0):
+    """paged_inputs (scattered pages, NaN in every row no sequence owns) with an e4m3 cache; q in
+    q_dtype, or e4m3 with q_scale. Returns CUDA tensors and the oracle's float64 q and cache."""
+    g = torch.Generator().manual_seed(seed)
+    q, kv, block_table, lens = paged_inputs(seqlens, s_q=s_q, h_q=h_q, dtype=torch.float32, generator=g)
+    k_scale, q_scale = torch.tensor([k_scale]), torch.tensor([q_scale])
+    kv8 = torch_mla.quantize_fp8(kv, k_scale)
+    if q_dtype == FP8:
+        q_in = torch_mla.quantize_fp8(q, q_scale)
+        q64 = q_in.double() * q_scale.double()
+    else:
+        q_in = q.to(q_dtype)
+        # the contract's row quantization, written out here: scale = amax / 448 (float32), e4m3(q / scale)
+        amax = q_in.float().abs().amax(dim=-1, keepdim=True)
+        row_scale = torch.where(amax > 0, amax / 448, torch.ones(()))
+        q64 = (q_in.float() / row_scale).clamp(-448, 448).to(FP8).double() * row_scale.double()
+    cuda = dict(q=q_in.cuda(), kv_cache=kv8.cuda(), block_table=block_table.cuda(), cache_seqlens=lens.cuda(),
+                descale_k=k_scale.cuda(), descale_q=q_scale.cuda() if q_dtype == FP8 else None)
+    return cuda, q64, kv8.double() * k_scale.double()
+
+
+def check_fp8_against_oracle(seqlens, s_q, h_q, causal=False, q_dtype=torch.bfloat16, softmax_scale=None, seed=0):
+    a, q64, kv64 = fp8_inputs(seqlens, s_q, h_q, q_dtype, seed=seed)
+    poison_allocator()
+    out, lse = torch_mla.decode(a["q"], a["kv_cache"], a["block_table"], a["cache_seqlens"], softmax_scale=softmax_scale,
+                                causal=causal, descale_q=a["descale_q"], descale_k=a["descale_k"])
+    torch.cuda.synchronize()
+    assert out.dtype == (torch.bfloat16 if q_dtype == FP8 else q_dtype)
+    ref_out, ref_lse = naive_decode(q64, kv64, a["block_table"], a["cache_seqlens"], softmax_scale, causal)
+    out, lse = out.cpu().double(), lse.cpu().double()
+    assert not out.isnan().any() and not lse.isnan().any(), "NaN in the result"
+    for b, n in enumerate(seqlens):
+        if n == 0:
+            assert (out[b] == 0).all() and (lse[b] == math.inf).all(), "empty sequence: out 0, lse +inf"
+            continue
+        row_max = ref_out[b].abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)  # (a row that sees nothing: 0)
+        worst = ((out[b] - ref_out[b]).abs() / row_max).max()
+        assert worst <= ops.FP8_OUT_RTOL, f"sequence {b} (len {n}): out error {worst:.2e} of the row's max"
+        finite = torch.isfinite(ref_lse[b])  # (+inf: a causal row that sees no token)
+        assert (lse[b][~finite] == math.inf).all()
+        lse_err = (lse[b][finite] - ref_lse[b][finite]).abs().max()
+        assert lse_err <= ops.FP8_LSE_ATOL, f"sequence {b} (len {n}): lse error {lse_err:.2e}"
+
+
+CASES = [
+    # (seqlens, s_q, h_q, causal)
+    ([1], 1, 1, False),
+    ([2], 1, 16, False),
+    ([64], 1, 16, False),
+    ([63, 65, 128, 129], 1, 16, False),
+    ([65, 1, 200], 2, 16, True),
+    ([0, 130, 7], 1, 128, False),
+    ([4097], 1, 128, False),          # one sequence split over every SM
+    ([4097, 33], 2, 128, True),       # two 64-row tiles x split
+    ([300] * 5, 4, 32, True),
+    ([1000, 4, 63, 64, 129], 3, 7, True),
+    ([777, 1, 64 * 20 + 3], 4, 128, True),
+    ([513, 2048, 17, 1500], 1, 64, False),
+    ([1] * 40, 1, 3, False),
+]
+
+
+@pytest.mark.parametrize("seqlens,s_q,h_q,causal", CASES)
+def test_fp8_kernel_matches_float64_oracle(seqlens, s_q, h_q, causal):
+    check_fp8_against_oracle(seqlens, s_q, h_q, causal)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float16, FP8])
+def test_fp8_kernel_query_dtypes_and_softmax_scale(q_dtype):
+    check_fp8_against_oracle([100, 64, 3000], 2, 64, True, q_dtype=q_dtype, softmax_scale=0.05, seed=3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(s_q=st.integers(1, 3), h_q=st.sampled_from([1, 16, 32, 64, 128]), causal=st.booleans(),
+       q_dtype=st.sampled_from([torch.bfloat16, torch.float16, FP8]), data=st.data())
+def test_fp8_kernel_property(s_q, h_q, causal, q_dtype, data):
+    lengths = st.integers(s_q if causal else 0, 700)
+    seqlens = data.draw(st.lists(lengths, min_size=1, max_size=6))
+    check_fp8_against_oracle(seqlens, s_q, h_q, causal, q_dtype=q_dtype, seed=data.draw(st.integers(0, 2 ** 20)))
+
+
+def test_fp8_kernel_runs_are_bitwise_identical():
+    a, _, _ = fp8_inputs([3000, 77, 1], 1, 128, torch.bfloat16)
+    first = torch_mla.decode(**a)
+    again = torch_mla.decode(**a)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_fp8_write_cache_matches_reference_bitwise(dtype, slot_dtype):
+    g = torch.Generator().manual_seed(5)
+    n, num_blocks, block_size = 50, 4, 64
+    scale = torch.tensor([0.03])
+    kv_c = (torch.randn(n, HEAD_DIM_V, generator=g) * 30).to(dtype)  # some beyond 448 * scale: saturate
+    k_pe = torch.randn(n, ROPE_DIM, generator=g).to(dtype)
+    kv_c[0, :3] = torch.tensor([math.inf, -math.inf, math.nan]).to(dtype)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:n].to(slot_dtype)
+    slots[7] = -1
+    cache_cpu = torch.randn(num_blocks, block_size, 1, HEAD_DIM, generator=g).to(FP8)
+    cache_gpu = cache_cpu.cuda()
+    torch_mla.write_cache(kv_c, k_pe, cache_cpu, slots, scale=scale)
+    torch_mla.write_cache(kv_c.cuda(), k_pe.cuda(), cache_gpu, slots.cuda(), scale=scale.cuda())
+    got, want = cache_gpu.cpu(), cache_cpu
+    nan = want.float().isnan()
+    assert torch.equal(got.float().isnan(), nan), "NaN stays NaN (its sign bit is not part of the contract)"
+    assert torch.equal(got.view(torch.uint8)[~nan], want.view(torch.uint8)[~nan])
+
+
+def test_fp8_bf16_query_is_quantized_as_the_reference_does():
+    # the CUDA row quantization (csrc/common/quantize.cu) against the CPU reference: same decode
+    # inputs, one row of zeros, one with a huge value, results within the kernel's bound of each other
+    a, _, _ = fp8_inputs([500, 64], 1, 16, torch.bfloat16, seed=9)
+    a["q"][0, 0, 3] = 0
+    a["q"][1, 0, 5, 17] = 40  # the row's amax, 10x its others: their e4m3 steps grow
+    out, lse = torch_mla.decode(**a)
+    cpu = {k: (v.cpu() if v is not None else None) for k, v in a.items()}
+    ref_out, ref_lse = torch_mla.decode(**cpu)
+    row_max = ref_out.double().abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    assert ((out.cpu().double() - ref_out.double()).abs() <= ops.FP8_OUT_RTOL * row_max).all()
+    assert ((lse.cpu() - ref_lse).abs() <= ops.FP8_LSE_ATOL).all()
+
+
+def test_fp8_cuda_graph_replay_with_changed_seqlens_matches_eager():
+    a, _, _ = fp8_inputs([2000] * 4, 2, 32, torch.bfloat16, seed=7)
+    lens = a["cache_seqlens"]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            torch_mla.decode(**a, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        md, ns = torch_mla.get_metadata(lens, 2 * 32, 1)
+        out_g, lse_g = torch_mla.decode(**a, causal=True, tile_scheduler_metadata=md, num_splits=ns)
+    for new in ([700, 64, 1, 2000], [2, 1000, 0, 1999], [1500, 3, 640, 17]):
+        lens.copy_(torch.tensor(new, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        out_e, lse_e = torch_mla.decode(**a, causal=True)
+        assert torch.equal(out_g, out_e) and torch.equal(lse_g, lse_e)
