@@ -124,3 +124,30 @@ def test_table_of_a_file_that_is_not_a_run_is_a_one_line_error(tmp_path, capsys)
         bench.main(["--table", str(path)])
     assert e.value.code == 2
     assert "not a benchmark JSON" in capsys.readouterr().err
+
+
+def fp8_row(b, s_q, h_q, fp8_us, bf16_us, base_us=None):
+    row = synthetic_row(b, s_q, h_q, fp8_us, base_us)
+    row["dtype"] = "fp8"
+    row["torch_mla_bf16"] = {"ok": True, "us": bf16_us, "graph_us": bf16_us}
+    bench.add_figures(row, CEILINGS)
+    return row
+
+
+def test_fp8_rows_give_the_speedup_over_our_bf16_and_stay_out_of_the_flashmla_summary(tmp_path, capsys):
+    import json
+
+    rows = [fp8_row(128, 1, 16, 100.0, 150.0, 160.0), fp8_row(128, 1, 32, 100.0, 600.0, 100.0),
+            synthetic_row(128, 1, 16, 100.0, 90.0)]
+    assert rows[0]["fp8_speedup"] == 1.5 and rows[0]["ratio"] == 1.6
+    fp8 = bench.summarize_fp8(rows)
+    cls = bench.CLASSES[1]
+    assert fp8[cls]["rows"] == 2 and math.isclose(fp8[cls]["fp8_speedup"]["geomean"], 3.0)
+    assert bench.summarize(rows)[cls]["rows"] == 1  # the bf16 row only
+    run = {"device": "GPU X", "date": "d", "commit": "c", "torch": "t", "ceilings": CEILINGS, "rows": rows}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    assert bench.main(["--table", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "| 128 | 1 | 4096 | 16 | fixed | 100.0 | 150.0 | 1.50 | 160.0 | 1.60 |" in text
+    assert f"| {cls} | 2 | 3.000 (1.50-6.00)" in text

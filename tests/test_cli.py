@@ -83,16 +83,6 @@ def test_cuda_without_cuda_is_refused(no_model, capsys):
     assert "--device" in refused(generate.main, ["--device", "cuda"], capsys)
 
 
-@pytest.mark.gpu
-def test_an_fp8_cache_on_the_cuda_kernel_is_refused(no_model, capsys):
-    import torch_mla
-
-    if not torch_mla.has_cuda_kernel():
-        pytest.skip("without the CUDA kernel the reference serves an FP8 cache on CUDA")
-    line = refused(generate.main, ["--device", "cuda", "--kv-cache-dtype", "fp8"], capsys)
-    assert "--kv-cache-dtype fp8: the CUDA kernel does not read float8_e4m3fn caches yet" in line
-
-
 def test_greedy_decoding_warns_that_top_p_does_nothing(monkeypatch, capsys):
     monkeypatch.setattr(generate, "resolve", lambda *a: sys.exit(0))  # stop after the early checks
     with pytest.raises(SystemExit):

@@ -291,6 +291,39 @@ def markdown_table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def fp8_markdown_table(run: dict) -> str:
+    """The fp8 rows of a run: torch-mla's FP8 kernel beside its bf16 kernel and FlashMLA's bf16 on
+    the same inputs, and the summary per class."""
+    c = run["ceilings"]
+    lines = [f"{run['device']}, {run['date']}, torch-mla {run['commit']}, torch {run['torch']}; ceilings in this run: "
+             f"copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s. fp8: a bf16 q over an "
+             "e4m3 cache; bf16: the bf16 cache it was quantized from.", "",
+             "| b | s_q | seqlen | h_q | lengths | torch-mla fp8 µs | torch-mla bf16 µs | bf16 / fp8 | FlashMLA bf16 µs "
+             "| FlashMLA / fp8 | fp8 graph µs | bf16 graph µs | graph bf16 / fp8 | fp8 % copy |",
+             "|" + "---|" * 14]
+    dash = "-"
+    for r in run["rows"]:
+        if "fp8_speedup" not in r:
+            continue
+        ours, bf16, base = r["torch_mla"], r["torch_mla_bf16"], r.get("flashmla")
+        lines.append("| " + " | ".join([
+            str(r["b"]), str(r["s_q"]), str(r["seqlen"]), str(r["h_q"]), "varlen" if r["varlen"] else "fixed",
+            f"{ours['us']:.1f}", f"{bf16['us']:.1f}", f"{r['fp8_speedup']:.2f}",
+            f"{base['us']:.1f}" if base else dash, f"{r['ratio']:.2f}" if base else dash,
+            f"{ours['graph_us']:.1f}", f"{bf16['graph_us']:.1f}", f"{r['fp8_graph_speedup']:.2f}",
+            f"{100 * ours['frac_copy']:.0f}"]) + " |")
+    summary = run.get("fp8_summary") or summarize_fp8(run["rows"])
+    if summary:
+        lines += ["", "| rows | count | bf16 / fp8: geomean (min-max) | graph: geomean (min-max) | FlashMLA bf16 / fp8 |",
+                  "|---|---|---|---|---|"]
+        for cls, s in summary.items():
+            e, g = s["fp8_speedup"], s["fp8_graph_speedup"]
+            fm = f"{s['ratio']['geomean']:.3f}" if "ratio" in s else dash
+            lines.append(f"| {cls} | {s['rows']} | {e['geomean']:.3f} ({e['min']:.2f}-{e['max']:.2f}) | "
+                         f"{g['geomean']:.3f} ({g['min']:.2f}-{g['max']:.2f}) | {fm} |")
+    return "\n".join(lines)
+
+
 # b=1/8/32/64 at h_q 16 and 128, as (b, s_q, h_q, seqlen, varlen).
 SMALL_BATCH_ROWS = [(1, 1, 16, 4096, False), (1, 1, 128, 32768, False), (8, 1, 16, 8192, False),
                     (8, 1, 128, 8192, False), (32, 1, 16, 4096, False), (32, 1, 128, 4096, False),
@@ -393,7 +426,8 @@ def main(argv=None) -> int:
         try:
             with open(args.table) as f:
                 run = json.load(f)
-            print(markdown_table(run))
+            fp8 = any("fp8_speedup" in r for r in run["rows"])
+            print(fp8_markdown_table(run) if fp8 else markdown_table(run))
         except (OSError, ValueError, KeyError, TypeError) as e:
             build_parser().error(f"--table {args.table}: not a benchmark JSON ({type(e).__name__}: {e})")
         return 0

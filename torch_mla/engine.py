@@ -223,8 +223,7 @@ class Generator:
             ``mode="reduce-overhead"``) or ``"eager"`` (eager's kernels, bit-identical logits;
             CUDA graphs through :class:`CudaGraphStep`).
         kv_cache_dtype: the cache's dtype: None (the model's) or ``torch.float8_e4m3fn`` (an FP8
-            cache, half the bytes of bf16; its rows are quantized with ``kv_scale``). The CUDA
-            kernel does not read an FP8 cache yet: on CUDA it runs only without the kernel.
+            cache, half the bytes of bf16; its rows are quantized with ``kv_scale``).
         kv_scale: an FP8 cache's dequantization scale (see :class:`PagedKVCache`).
     """
 
