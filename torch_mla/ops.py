@@ -465,7 +465,8 @@ def decode(
         kv_cache: ``[num_blocks, block_size, 1, 576]``, q's dtype or float8_e4m3fn (an FP8 cache,
             with ``descale_k``; the only choice for an e4m3 q). Each row holds a token's latent
             ``c_kv`` (512) then its RoPE key ``k_pe`` (64); V is the first 512 dims. The CUDA
-            kernel needs ``block_size == 64`` and does not read an FP8 cache yet (a clear error).
+            kernel needs ``block_size == 64``. Over an FP8 cache a bf16/fp16/fp32 q is quantized
+            row by row (:func:`quantize_rows_fp8`).
         block_table: ``[batch, max_blocks_per_seq]`` int32: block ids of each sequence, in order.
             Entries past a sequence's length are never read.
         cache_seqlens: ``[batch]`` int32, contiguous: number of cached tokens of each sequence,
