@@ -21,14 +21,14 @@ so=$(ls torch_mla/_C*.so | head -1)
 cuobjdump -sass "$so" 2>/dev/null | grep -oE "HGMMA\.[0-9x]+\.F32\.[A-Z0-9]+|HMMA\.[0-9]+" | sort | uniq -c
 for step in "$@"; do
   case $step in
-    tests) python3 -m pytest -q -x tests/test_cuda_decode.py tests/test_cuda_validation.py tests/test_cuda_graph_pattern.py \
-            tests/test_flash_mla_compat.py tests/test_cli.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    tests) python3 -m pytest -q -x tests/test_cuda_decode.py tests/test_cuda_fp8.py tests/test_cuda_validation.py \
+            tests/test_cuda_graph_pattern.py tests/test_flash_mla_compat.py tests/test_cli.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     quick) python3 -m torch_mla.bench --quick --json "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log" ;;
     bench) python3 -m torch_mla.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
-        timeout 300 compute-sanitizer --tool $tool python3 -m pytest -q -x tests/test_cuda_decode.py \
-          -k "dtypes_and_softmax_scale or metadata_from_get_metadata or write_cache_then_decode" 2>&1 \
+        timeout 300 compute-sanitizer --tool $tool python3 -m pytest -q -x tests/test_cuda_decode.py tests/test_cuda_fp8.py \
+          -k "dtypes_and_softmax_scale or metadata_from_get_metadata or write_cache_then_decode or fp8_write_cache" 2>&1 \
           | tee "$OUT/sanitize-$tool.log" | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" ;
       done ;;
     decoder) python3 -m pytest -q tests/test_model_gpu.py tests/test_model_compile.py 2>&1 | tee "$OUT/decoder.log" | tail -3 ;;
