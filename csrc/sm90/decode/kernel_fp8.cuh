@@ -9,8 +9,9 @@
 //   WG1, WG2 (value warpgroups): each owns 256 of the 512 output dims. 8-bit wgmma reads B only
 //       K-major, so each transposes its part of V (64 tokens x 256 dims of the page) into V^T
 //       (256 dims x 64 tokens) in shared memory, then O += P . V^T (wgmma m64n256k32 e4m3, 4
-//       k-steps: 2 per term of P). The transpose of page i+1 runs while P.V of page i is on the
-//       tensor cores.
+//       k-steps: 2 per term of P). WG0 publishes P in two halves (tokens 0-31, then 32-63), so
+//       the first half's k-steps start before the softmax ends; the transpose of page i+1 runs
+//       between the two halves of P.V of page i.
 // Pages land whole (one TMA box: 64 rows x 9 chunks of 64 bytes, 64B swizzle) in three stages; a
 // stage is refilled once S and both transposes are done with it. V^T and P have two buffers each.
 //
@@ -50,7 +51,7 @@ constexpr int kSmemScale = kSmemP + 2 * kPBytes;            // float [2][64]: O 
 constexpr int kSmemInvL = kSmemScale + 2 * 64 * 4;          // float [2][64]: descale_k / row sum (last page)
 constexpr int kSmemSlot = kSmemInvL + 2 * 64 * 4;           // int [2]: workspace slot of the split (-1: out)
 constexpr int kSmemBar = kSmemSlot + 64;                    // full[3], free[3], p_full[2], p_empty[2], q
-constexpr int kSmemUsed = kSmemBar + (2 * kStages + 4 + 1) * 8;
+constexpr int kSmemUsed = kSmemBar + (2 * kStages + 6 + 1) * 8;
 constexpr int kSmemAlloc = kSmemUsed + 1024;
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
@@ -76,8 +77,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   int* slot_s = reinterpret_cast<int*>(smem + kSmemSlot);
   const uint32_t bar_full = s_base + kSmemBar;          // + 8 * stage: the page has landed (TMA)
   const uint32_t bar_free = bar_full + 8 * kStages;     // S and both transposes are done with it (384)
-  const uint32_t bar_pfull = bar_free + 8 * kStages;    // + 8 * buffer: P and row factors written (128)
-  const uint32_t bar_pempty = bar_pfull + 8 * 2;        // P.V done with the P buffer (256)
+  const uint32_t bar_pfull = bar_free + 8 * kStages;    // + 8 * buffer: P's tokens 0-31 and the row factors written (128)
+  const uint32_t bar_pfull2 = bar_pfull + 8 * 2;        // P's tokens 32-63 written (128)
+  const uint32_t bar_pempty = bar_pfull2 + 8 * 2;       // P.V done with the P buffer (256)
   const uint32_t bar_q = bar_pempty + 8 * 2;            // the Q tile has landed (TMA)
 
   asm volatile("griddepcontrol.launch_dependents;");
@@ -100,6 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     for (int s = 0; s < 2; ++s) {
       mbar_init(bar_pfull + 8 * s, 128);
+      mbar_init(bar_pfull2 + 8 * s, 128);
       mbar_init(bar_pempty + 8 * s, 256);
     }
     mbar_init(bar_q, 1);
@@ -180,11 +183,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       // ---- P (times 2^6, two e4m3 terms) into the P buffer, once P.V of the page two back is done with it
       if (g >= 2) mbar_wait(bar_pempty + 8 * pb, ((g / 2) + 1) & 1);
+      // In two halves, as the bf16 kernel publishes P: tokens 0-31 (both terms) with the row
+      // factors on p_full, so that P.V's first two k-steps start while tokens 32-63 are computed.
       uint8_t* p_smem = smem + kSmemP + pb * kPBytes;
+      auto p_half = [&](int half) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int jj = 0; jj < 4; ++jj)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+          const int j = 4 * half + jj;
           const float p0 = exp2f(fmaf(s[4 * j + 2 * h], rs[h], -m_use[h]));
           const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], rs[h], -m_use[h]));
           l[h] += p0 + p1;
@@ -196,15 +203,20 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<__nv_fp8x2_storage_t*>(p_smem + off) = hi;
           *reinterpret_cast<__nv_fp8x2_storage_t*>(p_smem + kPBytes / 2 + off) = lo;
         }
+      };
+      p_half(0);
       if (lane % 4 == 0) {
         scale_s[pb * 64 + r0] = sc[0];
         scale_s[pb * 64 + r0 + 8] = sc[1];
       }
+      fence_proxy_async();
+      mbar_arrive(bar_pfull + 8 * pb);
+      p_half(1);
       if (last)  // (O carries descale_k, V's scale, and 2^kPScaleLog2, P's, as the row sums do)
         finish_rows(p, l, m, kPScaleLog2, descale_k, inv_l_s + pb * 64, slot_s + pb,
                     n_splits == 1 ? -1 : split_base + (b == st.begin_b ? begin_split : 0), b, m_tile * 64, r0, lane, tid);
       fence_proxy_async();  // P, written by threads, is read by wgmma next
-      mbar_arrive(bar_pfull + 8 * pb);
+      mbar_arrive(bar_pfull2 + 8 * pb);
       advance(cur, st, p.cache_seqlens);
     }
   } else {
@@ -262,40 +274,48 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int valid = t_len - tc.page * kPageSize;  // rows at or past it hold anything (NaN too): zeros
       const uint32_t src = (s_kv + stage * kPageBytes) + rd_base;  // (stage bases: multiples of 4 KB)
       const uint32_t dst = (s_base + kSmemVt + (gi % 2) * kVtBytes) + wr_base;
+      // (a full page, the common case, without the selects that zero the rows past the sequence)
+      auto move = [&](auto partial) {
+        constexpr bool kPartial = decltype(partial)::value;
+#pragma unroll 1
+        for (int pass = 0; pass < 2; ++pass) {
+          uint32_t r[8][2];
 #pragma unroll
-      for (int pass = 0; pass < 2; ++pass) {
-        uint32_t r[8][2];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          const int t = 8 * tg + (k ^ tg);
-          uint32_t w0, w1;
-          asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w0), "=r"(w1) : "r"(src ^ (8 * pass) ^ rd_xor(k)));
-          r[k][0] = t < valid ? w0 : 0u;
-          r[k][1] = t < valid ? w1 : 0u;
-        }
-#pragma unroll
-        for (int w = 0; w < 2; ++w) {
-          uint32_t out[2][4];  // [quad of registers][byte]: 4 tokens of dim 4 w + byte
-#pragma unroll
-          for (int G = 0; G < 2; ++G) {
-            const uint32_t u0 = __byte_perm(r[4 * G][w], r[4 * G + 1][w], sel_lo);
-            const uint32_t u1 = __byte_perm(r[4 * G][w], r[4 * G + 1][w], sel_hi);
-            const uint32_t u2 = __byte_perm(r[4 * G + 2][w], r[4 * G + 3][w], sel_lo);
-            const uint32_t u3 = __byte_perm(r[4 * G + 2][w], r[4 * G + 3][w], sel_hi);
-            out[G][0] = __byte_perm(u0, u2, sel_b0);
-            out[G][1] = __byte_perm(u0, u2, sel_b1);
-            out[G][2] = __byte_perm(u1, u3, sel_b0);
-            out[G][3] = __byte_perm(u1, u3, sel_b1);
+          for (int k = 0; k < 8; ++k) {
+            const int t = 8 * tg + (k ^ tg);
+            uint32_t w0, w1;
+            asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w0), "=r"(w1) : "r"(src ^ (8 * pass) ^ rd_xor(k)));
+            r[k][0] = !kPartial || t < valid ? w0 : 0u;
+            r[k][1] = !kPartial || t < valid ? w1 : 0u;
           }
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const uint32_t lo = swap_quads ? out[1][e] : out[0][e], hi = swap_quads ? out[0][e] : out[1][e];
-            asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(dst ^ (512 * pass) ^ wr_xor(4 * w + e)), "r"(lo),
-                         "r"(hi)
-                         : "memory");
+          for (int w = 0; w < 2; ++w) {
+            uint32_t out[2][4];  // [quad of registers][byte]: 4 tokens of dim 4 w + byte
+#pragma unroll
+            for (int G = 0; G < 2; ++G) {
+              const uint32_t u0 = __byte_perm(r[4 * G][w], r[4 * G + 1][w], sel_lo);
+              const uint32_t u1 = __byte_perm(r[4 * G][w], r[4 * G + 1][w], sel_hi);
+              const uint32_t u2 = __byte_perm(r[4 * G + 2][w], r[4 * G + 3][w], sel_lo);
+              const uint32_t u3 = __byte_perm(r[4 * G + 2][w], r[4 * G + 3][w], sel_hi);
+              out[G][0] = __byte_perm(u0, u2, sel_b0);
+              out[G][1] = __byte_perm(u0, u2, sel_b1);
+              out[G][2] = __byte_perm(u1, u3, sel_b0);
+              out[G][3] = __byte_perm(u1, u3, sel_b1);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const uint32_t lo = swap_quads ? out[1][e] : out[0][e], hi = swap_quads ? out[0][e] : out[1][e];
+              asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(dst ^ (512 * pass) ^ wr_xor(4 * w + e)), "r"(lo),
+                           "r"(hi)
+                           : "memory");
+            }
           }
         }
-      }
+      };
+      if (valid < kPageSize)
+        move(std::true_type{});
+      else
+        move(std::false_type{});
       fence_proxy_async();  // V^T, written by threads, is read by wgmma
       mbar_arrive(bar_free + 8 * stage);
       if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both transposes are done with it
@@ -327,12 +347,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence();
       const uint32_t s_p = s_base + kSmemP + pb * kPBytes;
       const uint32_t s_vt = s_base + kSmemVt + pb * kVtBytes + v * (kVtBytes / 2);
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk)  // P_hi . V, then P_lo . V
-        gmma_ss<PV>(desc_sw64(s_p + (kk / 2) * (kPBytes / 2) + (kk % 2) * 32), desc_sw64(s_vt + (kk % 2) * 32), o, true,
-                    std::make_index_sequence<128>{});
+      // k-steps: tokens 0-31 (P_hi, then P_lo), then tokens 32-63, once WG0 has published them
+      auto pv_half = [&](int half) {
+        const uint32_t koff = half * 32;
+        gmma_ss<PV>(desc_sw64(s_p + koff), desc_sw64(s_vt + koff), o, true, std::make_index_sequence<128>{});
+        gmma_ss<PV>(desc_sw64(s_p + kPBytes / 2 + koff), desc_sw64(s_vt + koff), o, true, std::make_index_sequence<128>{});
+      };
+      pv_half(0);
       wgmma_commit();
       if (tc.b <= st.end_b) transpose(g + 1);  // into the other V^T buffer, which P.V of page g - 1 is done with
+      mbar_wait(bar_pfull2 + 8 * pb, (g / 2) & 1);
+      wgmma_fence();  // (after a wait between two wgmma of a chain: else ptxas serialises them)
+      pv_half(1);
+      wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o);
       float inv[2] = {0.f, 0.f};
