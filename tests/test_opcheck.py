@@ -37,6 +37,23 @@ def test_opcheck_decode(name, tensors, kwargs):
     torch.library.opcheck(torch.ops.mla.decode.default, args, test_utils=_test_utils(args))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,tensors,kwargs", [s for s in decode_samples() if s[1][1].shape[1] == PAGE_SIZE],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck_decode_on_the_cuda_kernel(name, tensors, kwargs):
+    # The same samples on the CUDA kernels (block size 64 only): the fake impl against the bf16
+    # and the FP8 kernel's outputs, and their registration.
+    if not torch.cuda.is_available() or not torch_mla.has_cuda_kernel():
+        pytest.skip("needs a CUDA GPU and the kernel")
+    q, kv, bt, sl = (t.cuda() for t in tensors)
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    if kw.get("tile_scheduler_metadata") is not None:  # a CUDA plan, as the kernel takes it
+        kw["tile_scheduler_metadata"], kw["num_splits"] = torch_mla.get_metadata(sl, q.shape[1] * q.shape[2], 1)
+    args = (q, kv, bt, sl, HEAD_DIM_V, kw.get("softmax_scale"), kw.get("causal", False),
+            kw.get("tile_scheduler_metadata"), kw.get("num_splits"), kw.get("descale_q"), kw.get("descale_k"))
+    torch.library.opcheck(torch.ops.mla.decode.default, args, test_utils=_test_utils(args))
+
+
 FP8 = torch.float8_e4m3fn
 
 
