@@ -40,7 +40,7 @@ constexpr int kKSteps = kHeadDim / 32;              // 18
 constexpr float kMaxSlack = 2.f;
 constexpr float kPScaleLog2 = 6.f;                  // P is stored as e4m3 terms of 2^6 p
 // setmaxnreg: S of an 8-bit page and its softmax need few registers; the value warpgroups hold O
-// (128) and a transpose in flight. 88 + 2 * 208 = 504 = 3 * 168. (ptxas still spills 12 bytes.)
+// (128) and a transpose in flight. 88 + 2 * 208 = 504 = 3 * 168. (ptxas still spills 16 bytes.)
 constexpr int kRegsScore = 88, kRegsValue = 208;
 
 constexpr int kSmemQ = 0;
@@ -50,7 +50,7 @@ constexpr int kSmemP = kSmemVt + 2 * kVtBytes;              // 2 x P
 constexpr int kSmemScale = kSmemP + 2 * kPBytes;            // float [2][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + 2 * 64 * 4;          // float [2][64]: descale_k / row sum (last page)
 constexpr int kSmemSlot = kSmemInvL + 2 * 64 * 4;           // int [2]: workspace slot of the split (-1: out)
-constexpr int kSmemBar = kSmemSlot + 64;                    // full[3], free[3], p_full[2], p_empty[2], q
+constexpr int kSmemBar = kSmemSlot + 64;                    // full[3], free[3], p_full[2], p_full2[2], p_empty[2], q
 constexpr int kSmemUsed = kSmemBar + (2 * kStages + 6 + 1) * 8;
 constexpr int kSmemAlloc = kSmemUsed + 1024;
 static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
