@@ -207,37 +207,36 @@ def _geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
+def _per_class(rows: list[dict], keep, keys) -> dict:
+    """Per class of the rows ``keep`` takes: the count, and the geometric mean, min and max of
+    each of ``keys`` over the rows that have it."""
+    out = {}
+    for cls in CLASSES:
+        mine = [r for r in rows if keep(r) and row_class(r) == cls]
+        if not mine:
+            continue
+        out[cls] = {"rows": len(mine)}
+        for key in keys:
+            vals = [r[key] for r in mine if key in r]
+            if vals:
+                out[cls][key] = {"geomean": _geomean(vals), "min": min(vals), "max": max(vals)}
+    return out
+
+
 def summarize(rows: list[dict]) -> dict:
     """Per class of rows: count, geometric mean, min and max of the ratio on both timings.
 
     Empty when no row has a baseline. The ratio is FlashMLA µs / torch-mla µs (above 1: faster).
+    fp8 rows are left to :func:`summarize_fp8`.
     """
-    out = {}
-    for cls in CLASSES:
-        mine = [r for r in rows if "ratio" in r and row_class(r) == cls and r["dtype"] != "fp8"]
-        if not mine:
-            continue
-        out[cls] = {"rows": len(mine)}
-        for key in ("ratio", "graph_ratio"):
-            vals = [r[key] for r in mine]
-            out[cls][key] = {"geomean": _geomean(vals), "min": min(vals), "max": max(vals)}
-    return out
+    return _per_class(rows, lambda r: "ratio" in r and r["dtype"] != "fp8", ("ratio", "graph_ratio"))
 
 
 def summarize_fp8(rows: list[dict]) -> dict:
     """Per class of fp8 rows: the speed-up over torch-mla's bf16 kernel (bf16 µs / fp8 µs) on both
     timings, and the ratio to FlashMLA's bf16 where it ran; geometric mean, min and max."""
-    out = {}
-    for cls in CLASSES:
-        mine = [r for r in rows if "fp8_speedup" in r and row_class(r) == cls]
-        if not mine:
-            continue
-        out[cls] = {"rows": len(mine)}
-        for key in ("fp8_speedup", "fp8_graph_speedup", "ratio", "graph_ratio"):
-            vals = [r[key] for r in mine if key in r]
-            if vals:
-                out[cls][key] = {"geomean": _geomean(vals), "min": min(vals), "max": max(vals)}
-    return out
+    return _per_class(rows, lambda r: "fp8_speedup" in r,
+                      ("fp8_speedup", "fp8_graph_speedup", "ratio", "graph_ratio"))
 
 
 def format_fp8_summary(summary: dict) -> list[str]:
@@ -263,11 +262,16 @@ def format_summary(summary: dict) -> list[str]:
     return lines
 
 
+def _run_line(run: dict) -> str:
+    """The line above a run's table: its device, date, commit, torch and the run's ceilings."""
+    c = run["ceilings"]
+    return (f"{run['device']}, {run['date']}, torch-mla {run['commit']}, torch {run['torch']}; ceilings in this run: "
+            f"copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s.")
+
+
 def markdown_table(run: dict) -> str:
     """A run's JSON (``--json``) as the markdown table docs/benchmarks.md shows, summary included."""
-    c = run["ceilings"]
-    lines = [f"{run['device']}, {run['date']}, torch-mla {run['commit']}, torch {run['torch']}; ceilings in this run: "
-             f"copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s.", "",
+    lines = [_run_line(run), "",
              "| b | s_q | seqlen | h_q | lengths | dtype | FlashMLA µs | torch-mla µs | ratio | FlashMLA graph µs "
              "| torch-mla graph µs | graph ratio | FlashMLA % mm / % copy | torch-mla % mm / % copy |",
              "|" + "---|" * 14]
@@ -294,10 +298,7 @@ def markdown_table(run: dict) -> str:
 def fp8_markdown_table(run: dict) -> str:
     """The fp8 rows of a run: torch-mla's FP8 kernel beside its bf16 kernel and FlashMLA's bf16 on
     the same inputs, and the summary per class."""
-    c = run["ceilings"]
-    lines = [f"{run['device']}, {run['date']}, torch-mla {run['commit']}, torch {run['torch']}; ceilings in this run: "
-             f"copy {c['copy_GBps']:.0f} GB/s, bf16 matmul {c['matmul_TFLOPs']:.0f} TFLOP/s. fp8: a bf16 q over an "
-             "e4m3 cache; bf16: the bf16 cache it was quantized from.", "",
+    lines = [_run_line(run) + " fp8: a bf16 q over an e4m3 cache; bf16: the bf16 cache it was quantized from.", "",
              "| b | s_q | seqlen | h_q | lengths | torch-mla fp8 µs | torch-mla bf16 µs | bf16 / fp8 | FlashMLA bf16 µs "
              "| FlashMLA / fp8 | fp8 graph µs | bf16 graph µs | graph bf16 / fp8 | fp8 % copy |",
              "|" + "---|" * 14]
