@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from test_model_parity import make_hf_model  # noqa: E402
-from torch_mla.cache import PagedKVCache  # noqa: E402
-from torch_mla.engine import Generator, decode_step, prefill  # noqa: E402
+from teacher_forcing import drift, teacher_forced_logits  # noqa: E402
+from torch_mla.engine import Generator  # noqa: E402
 from torch_mla.models.checkpoint import load_checkpoint  # noqa: E402
 
 PROMPTS = [[int(t) for t in torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n))]
@@ -38,33 +38,16 @@ def model(checkpoint):
     return load_checkpoint(checkpoint, dtype=torch.bfloat16)
 
 
-def teacher_forced_logits(model, kv_dtype, forced=None):
-    """Logits ``[steps + 1, batch, vocab]`` after prefill and each decode step; tokens fed are
-    ``forced`` (else this run's greedy tokens)."""
-    cache = PagedKVCache(model.args.n_layers, 16, len(PROMPTS), 128, dtype=kv_dtype)
-    for row, p in enumerate(PROMPTS):
-        cache.reserve(row, len(p) + STEPS)
-    logits = [prefill(model, cache, PROMPTS)]
-    positions = torch.tensor([len(p) for p in PROMPTS])
-    for i in range(STEPS):
-        tokens = logits[-1].argmax(-1) if forced is None else forced[i]
-        logits.append(decode_step(model, cache.kv, cache.block_table, tokens, positions, cache.kv_scale))
-        positions = positions + 1
-    return torch.stack(logits)
-
-
-def drift(logits, reference):
-    diff = (logits - reference).abs()
-    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    return diff.max().item(), diff.mean().item(), agreement
+def teacher_forced(model, kv_dtype, forced=None):
+    return teacher_forced_logits(model, PROMPTS, STEPS, kv_dtype, forced)
 
 
 @torch.no_grad()
 def test_fp8_cache_drifts_from_the_bf16_cache_by_a_few_times_bf16s_own_drift(model, checkpoint):
-    bf16 = teacher_forced_logits(model, torch.bfloat16)
+    bf16 = teacher_forced(model, torch.bfloat16)
     forced = bf16.argmax(-1)
-    fp8 = teacher_forced_logits(model, torch.float8_e4m3fn, forced)
-    fp32 = teacher_forced_logits(load_checkpoint(checkpoint, dtype=torch.float32), torch.float32, forced)
+    fp8 = teacher_forced(model, torch.float8_e4m3fn, forced)
+    fp32 = teacher_forced(load_checkpoint(checkpoint, dtype=torch.float32), torch.float32, forced)
     fp8_max, fp8_mean, fp8_agree = drift(fp8, bf16)
     bf16_max, bf16_mean, bf16_agree = drift(bf16, fp32)
     print(f"\n{forced.numel()} teacher-forced positions, largest |logit| {bf16.abs().max().item():.2f}:"

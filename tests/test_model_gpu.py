@@ -20,8 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_mla
-from torch_mla.cache import PagedKVCache
-from torch_mla.engine import Generator, decode_step, prefill
+from teacher_forcing import drift, teacher_forced_logits
+from torch_mla.engine import Generator
 from torch_mla.models.deepseek import PRESETS, Transformer
 
 OUT_REL = 1e-2  # ||out - ref|| / ||ref|| per sequence: two bf16 roundings (P, out)
@@ -140,12 +140,6 @@ def test_bench_decoder_mode_on_cuda_runs_every_mode_and_the_eager_backend_keeps_
 FP8_STEPS = 24
 
 
-def drift(logits, reference):
-    diff = (logits - reference).abs()
-    agreement = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    return diff.max().item(), diff.mean().item(), agreement
-
-
 @pytest.mark.gpu
 @torch.no_grad()
 def test_medium_preset_on_cuda_fp8_cache_drift_against_the_bf16_cache():
@@ -158,16 +152,8 @@ def test_medium_preset_on_cuda_fp8_cache_drift_against_the_bf16_cache():
                for n in (300, 17, 130, 64)]
 
     def run(model, kv_dtype, forced=None):
-        cache = PagedKVCache(model.args.n_layers, 4 * 8, len(prompts), 512, dtype=kv_dtype, device="cuda")
-        for row, p in enumerate(prompts):
-            cache.reserve(row, len(p) + FP8_STEPS)
-        logits = [prefill(model, cache, prompts)]
-        positions = torch.tensor([len(p) for p in prompts], device="cuda")
-        for i in range(FP8_STEPS):
-            tokens = logits[-1].argmax(-1) if forced is None else forced[i]
-            logits.append(decode_step(model, cache.kv, cache.block_table, tokens, positions, cache.kv_scale))
-            positions = positions + 1
-        return torch.stack(logits).float()
+        return teacher_forced_logits(model, prompts, FP8_STEPS, kv_dtype, forced, num_blocks=4 * 8, max_seq_len=512,
+                                     device="cuda").float()
 
     model = Transformer(PRESETS["medium"]).init_random(seed=0).to(device="cuda", dtype=torch.bfloat16).eval()
     model.keep_float32_parts()
