@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 import torch_mla
 from oracle import naive_decode
 from test_cuda_decode import poison_allocator
+from test_fp8 import rows_quantized
 from torch_mla import ops
 from torch_mla.ops import FP8, HEAD_DIM, HEAD_DIM_V, ROPE_DIM
 from torch_mla.testing import paged_inputs
@@ -42,10 +43,8 @@ def fp8_inputs(seqlens, s_q, h_q, q_dtype, k_scale=0.02, q_scale=0.01, seed=0):
         q64 = q_in.double() * q_scale.double()
     else:
         q_in = q.to(q_dtype)
-        # the contract's row quantization, written out here: scale = amax / 448 (float32), e4m3(q / scale)
-        amax = q_in.float().abs().amax(dim=-1, keepdim=True)
-        row_scale = torch.where(amax > 0, amax / 448, torch.ones(()))
-        q64 = (q_in.float() / row_scale).clamp(-448, 448).to(FP8).double() * row_scale.double()
+        q8, row_scale = rows_quantized(q_in)  # the contract's row quantization, written out in the test
+        q64 = q8.double() * row_scale.double()
     cuda = dict(q=q_in.cuda(), kv_cache=kv8.cuda(), block_table=block_table.cuda(), cache_seqlens=lens.cuda(),
                 descale_k=k_scale.cuda(), descale_q=q_scale.cuda() if q_dtype == FP8 else None)
     return cuda, q64, kv8.double() * k_scale.double()
