@@ -85,6 +85,20 @@ __device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float (&d)[N],
   Atom::fma(da, db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
 
+// S = Q . K^T of one 64-row tile and one page, issued and committed, not waited for: kKSteps
+// k-steps of the wgmma Atom (m64n64), kStepsPerChunk of them in each swizzled chunk of kChunkBytes
+// of both operands, 32 bytes apart; desc makes an operand descriptor of a shared-memory address.
+template <class Atom, int kKSteps, int kStepsPerChunk, int kChunkBytes, class Desc>
+__device__ __forceinline__ void issue_qk(uint32_t s_q, uint32_t s_page, float (&s)[32], Desc desc) {
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kKSteps; ++k) {
+    const uint32_t koff = (k / kStepsPerChunk) * kChunkBytes + (k % kStepsPerChunk) * 32;
+    gmma_ss<Atom>(desc(s_q + koff), desc(s_page + koff), s, k > 0, std::make_index_sequence<32>{});
+  }
+  wgmma_commit();
+}
+
 // A 4 x 4 transpose within each quad of lanes (lane % 4 = t): on return a[i] is what quad lane i
 // held in a[t]. Two rounds of shuffles; every lane of the warp must take part.
 __device__ __forceinline__ void quad_transpose(uint32_t (&a)[4], int t) {
@@ -328,13 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       if (tid == 0) tl::page(g, tl::kScoreIssue);
       float s[32];
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < kKSteps; ++k) {
-        const uint32_t koff = (k / 4) * kChunkBytes + (k % 4) * 32;
-        gmma_ss<QKs>(desc_k_major(s_q + koff), desc_k_major(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
-      }
-      wgmma_commit();
+      issue_qk<QKs, kKSteps, 4, kChunkBytes>(s_q, s_stage, s, [](uint32_t a) { return desc_k_major(a); });
       wgmma_wait<0>();
       fence_regs(s);
       if (tid == 0) tl::page(g, tl::kScoreDone);

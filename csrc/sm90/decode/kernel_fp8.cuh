@@ -156,13 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t s_stage = s_kv + stage * kPageBytes;
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       float s[32];
-      wgmma_fence();
-#pragma unroll
-      for (int k = 0; k < kKSteps; ++k) {
-        const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
-        gmma_ss<QK>(desc_sw64(s_q + koff), desc_sw64(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
-      }
-      wgmma_commit();
+      issue_qk<QK, kKSteps, 2, kChunkBytes>(s_q, s_stage, s, [](uint32_t a) { return desc_sw64(a); });
       wgmma_wait<0>();
       fence_regs(s);
       mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
