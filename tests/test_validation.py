@@ -207,6 +207,8 @@ FP8_HELPER_CASES = {
                               "mla.quantize_fp8: scale must hold one float32 value"),
     "quantize: scale zero": (lambda: torch_mla.quantize_fp8(torch.zeros(3), torch.zeros(1)),
                              "mla.quantize_fp8: scale must be positive and finite, got 0.0"),
+    "quantize rows: q float8": (lambda: torch_mla.quantize_rows_fp8(torch.zeros(2, 3, dtype=FP8)),
+                                "mla.quantize_rows_fp8: q must be bfloat16 or float16 or float32, got float8_e4m3fn"),
     "dequantize: x bfloat16": (lambda: torch_mla.dequantize_fp8(torch.zeros(3, dtype=torch.bfloat16), SCALE),
                                "mla.dequantize_fp8: x must be float8_e4m3fn, got bfloat16"),
     "dequantize: scale dtype": (lambda: torch_mla.dequantize_fp8(torch.zeros(3, dtype=FP8), SCALE.half()),
