@@ -184,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
       p.q_scale = q_scale.data_ptr<float>();
       p.q_scale_batch_stride = rows;
       p.q_scale_row_stride = 1;
+      p.q_quantized = true;
     }
   }
   p.kv_cache = kv_cache.data_ptr();

@@ -63,6 +63,7 @@ struct Params {
   const float* q_scale = nullptr;
   int64_t q_scale_batch_stride = 0, q_scale_row_stride = 0;
   const float* descale_k = nullptr;
+  bool q_quantized = false;  // q is the quantize kernel's output: launched as its dependent, wait before reading it
 };
 
 // Scheduler (csrc/common/scheduler.cu): cuts the batch's KV pages into `num_parts` stretches of

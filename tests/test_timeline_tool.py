@@ -49,6 +49,15 @@ def test_phases_are_event_differences_in_microseconds(pages, period, ghz, steps)
         us(2 * period + offsets[tl.S_ISSUE] - offsets[tl.REFILL]), **tol)
 
 
+def test_the_fp8_kernels_refill_comes_back_three_pages_on():
+    offsets = [10 * (e + 1) for e in range(tl.EVENTS)]
+    got = tl.analyse(synthetic(40, 2_000, offsets, 1.0), tiles=1, phases=tl.phases_for(fp8=True))["summary_us"]
+    assert "refill issued -> S of that page issued" not in got
+    assert got["refill issued -> S of that page issued (3 stages)"] == pytest.approx(
+        (3 * 2_000 + offsets[tl.S_ISSUE] - offsets[tl.REFILL]) / 1e3)
+    assert tl.phases_for(fp8=False) == tl.PHASES
+
+
 def test_unwritten_events_and_short_or_extra_ctas_take_no_part():
     offsets = [10 * (e + 1) for e in range(tl.EVENTS)]
     buf = synthetic(40, 2_000, offsets, 1.0, ctas=((0, 0), (1, 0), (2, 1)))

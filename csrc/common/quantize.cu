@@ -15,6 +15,9 @@ template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) quantize_rows_kernel(const T* __restrict__ q, int64_t q_batch_stride,
                                                                      int64_t q_row_stride, int batch, int rows,
                                                                      uint8_t* __restrict__ q8, float* __restrict__ scale) {
+  // The decode kernel that reads q8 is launched as this grid's programmatic dependent: it starts
+  // (barriers, metadata, its first pages' loads) while this one runs, and waits before it reads Q.
+  asm volatile("griddepcontrol.launch_dependents;");
   const int lane = threadIdx.x % 32;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (r >= static_cast<int64_t>(batch) * rows) return;

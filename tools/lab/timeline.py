@@ -1,13 +1,16 @@
 """Where a page's time goes inside the decode kernel: per-page event clocks of a measuring build.
 
     TORCH_MLA_TIMELINE=1 python3 setup.py build_ext --inplace
-    python3 tools/lab/timeline.py [--json PATH]
+    python3 tools/lab/timeline.py [--json PATH] [--fp8]
 
 The measuring build (csrc/sm90/decode/timeline.cuh) has one thread of each role write clock64()
 at fixed points of every page, for the CTAs of the first 4 query tiles x 8 stretches. For each
 shape this runs one decode call and prints, in µs (medians over pages and CTAs, the first two
 pages of a stretch left out): the period (from one S issue to the next), each phase, and the
 hand-offs between them. Clocks convert to time by the CTA's own globaltimer over its lifetime.
+--fp8: the FP8 kernel (a bf16 q over an e4m3 cache), whose stamps sit at the same points; its
+refill is issued by the producer once S and both transposes are done with the stage, and a stage
+comes back kStages = 3 pages later.
 """
 
 from __future__ import annotations
@@ -75,8 +78,17 @@ def read(lib) -> torch.Tensor:
     return buf.view(PARTS, TILES, ROWS, EVENTS)
 
 
-def analyse(tl: torch.Tensor, tiles: int) -> dict:
-    samples = {name: [] for name in PHASES}
+def phases_for(fp8: bool) -> dict:
+    """PHASES, with the FP8 kernel's refill phase where fp8: its stage comes back 3 pages on."""
+    phases = dict(PHASES)
+    if fp8:
+        del phases["refill issued -> S of that page issued"]
+        phases["refill issued -> S of that page issued (3 stages)"] = (S_ISSUE, 3, REFILL)
+    return phases
+
+
+def analyse(tl: torch.Tensor, tiles: int, phases: dict = PHASES) -> dict:
+    samples = {name: [] for name in phases}
     ctas = []
     for part in range(PARTS):
         for tile in range(tiles):
@@ -91,7 +103,7 @@ def analyse(tl: torch.Tensor, tiles: int) -> dict:
                          "us": (h[END_NS] - h[START_NS]) / 1e3, "ns_per_clock": ns_per_clock,
                          "events_us": [[(e - h[START_CLOCK]) * ns_per_clock / 1e3 if e >= 0 else None for e in row]
                                        for row in ev]})
-            for name, (late, off, early) in PHASES.items():
+            for name, (late, off, early) in phases.items():
                 for g in range(2, traced - off):
                     a, b = ev[g + off][late], ev[g][early]
                     if a >= 0 and b >= 0:
@@ -103,7 +115,9 @@ def analyse(tl: torch.Tensor, tiles: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write every CTA's events here")
+    parser.add_argument("--fp8", action="store_true", help="the FP8 kernel: a bf16 q over an e4m3 cache")
     args = parser.parse_args()
+    phases = phases_for(args.fp8)
     lib = library()
     results = []
     import triton.testing
@@ -112,14 +126,19 @@ def main() -> None:
         with torch.inference_mode():
             q, kv, bt, lens = random_inputs(b, s_q, h_q, seqlen, device="cuda", seed=1)
             md, ns = torch_mla.get_metadata(lens, s_q * h_q, 1)
-            call = lambda: torch_mla.decode(q, kv, bt, lens, causal=True, tile_scheduler_metadata=md, num_splits=ns)
+            descale_k = None
+            if args.fp8:  # (as the bench makes its FP8 rows)
+                descale_k = torch.tensor([1 / 64], device="cuda")
+                kv = torch_mla.quantize_fp8(kv, descale_k)
+            call = lambda: torch_mla.decode(q, kv, bt, lens, causal=True, tile_scheduler_metadata=md, num_splits=ns,
+                                            descale_k=descale_k)
             us = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
             assert lib.mla_timeline_reset() == 0
             call()
             tl = read(lib)
         tiles = min(TILES, (s_q * h_q + 63) // 64)
-        r = analyse(tl, tiles)
-        r.update(shape={"batch": b, "s_q": s_q, "seqlen": seqlen, "h_q": h_q}, do_bench_us=us)
+        r = analyse(tl, tiles, phases)
+        r.update(shape={"batch": b, "s_q": s_q, "seqlen": seqlen, "h_q": h_q}, do_bench_us=us, fp8=args.fp8)
         results.append(r)
         pages = [c["pages"] for c in r["ctas"]]
         print(f"\nb={b} s_q={s_q} seqlen={seqlen} h_q={h_q}: do_bench {us:.1f} µs (measuring build); "

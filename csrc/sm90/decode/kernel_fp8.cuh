@@ -84,6 +84,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   asm volatile("griddepcontrol.launch_dependents;");
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  namespace tl = timeline;  // (event clocks of a measuring build only, as in the bf16 kernel)
+  if (tid == 128) tl::start();
   if (tid == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_q)) : "memory");
   if (tid == 128) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tmap_kv)) : "memory");
   const int m_tile = blockIdx.x;
@@ -118,6 +120,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {
     // ============================ score warpgroup
     reg_dealloc<kRegsScore>();
+    if (p.q_quantized) asm volatile("griddepcontrol.wait;" ::: "memory");  // q8 and its scales are written
     float m[2], l[2], rs[2];  // running max (log2), row sums, score scale
     int limit[2], seqlen = 0;
     int prev_b = -1, split_base = 0, n_splits = 0;
@@ -154,11 +157,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ---- S = Q K^T (64 rows x 64 tokens), e4m3 x e4m3 -> fp32
       const int stage = g % kStages, pb = g % 2;
       const uint32_t s_stage = s_kv + stage * kPageBytes;
+      if (tid == 0) tl::page(g, tl::kScoreWaitFull);
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+      if (tid == 0) tl::page(g, tl::kScoreIssue);
       float s[32];
       issue_qk<QK, kKSteps, 2, kChunkBytes>(s_q, s_stage, s, [](uint32_t a) { return desc_sw64(a); });
       wgmma_wait<0>();
       fence_regs(s);
+      if (tid == 0) tl::page(g, tl::kScoreDone);
       mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
 
       // ---- online softmax (log2 domain), as in the bf16 kernel, with a scale per row
@@ -211,6 +217,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     n_splits == 1 ? -1 : split_base + (b == st.begin_b ? begin_split : 0), b, m_tile * 64, r0, lane, tid);
       fence_proxy_async();  // P, written by threads, is read by wgmma next
       mbar_arrive(bar_pfull2 + 8 * pb);
+      if (tid == 0) tl::page(g, tl::kPReady);
       advance(cur, st, p.cache_seqlens);
     }
   } else {
@@ -236,6 +243,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         issue(s);
         ld_next();
       }
+      tl::loads_issued();
     }
 
     // The transpose: this thread moves 8 tokens x 16 dims, the 16-byte unit du of chunk 4 v + warp
@@ -316,6 +324,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(bar_free + 8 * stage, (gi / kStages) & 1);
         issue(stage);
         ld_next();
+        tl::page(gi, tl::kRefillIssued);
       }
       __syncwarp();
       advance(tc, st, p.cache_seqlens);
@@ -349,6 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       };
       pv_half(0);
       wgmma_commit();
+      if (tid == 128) tl::page(g, tl::kValueIssue);
       if (tc.b <= st.end_b) transpose(g + 1);  // into the other V^T buffer, which P.V of page g - 1 is done with
       mbar_wait(bar_pfull2 + 8 * pb, (g / 2) & 1);
       wgmma_fence();  // (after a wait between two wgmma of a chain: else ptxas serialises them)
@@ -356,6 +366,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(o);
+      if (tid == 128) tl::page(g, tl::kValueDone);
+      if (tid == 256) tl::page(g, tl::kValue2Done);
       float inv[2] = {0.f, 0.f};
       int slot = 0;
       if (last) {
@@ -367,6 +379,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (last) store_rows<T>(p, o, inv, slot, b, m_tile * 64 + r0, v, lane);
       advance(cur, st, p.cache_seqlens);
     }
+    if (tid == 128) tl::end(g);
   }
 }
 
