@@ -39,9 +39,9 @@ constexpr int kPBytes = 2 * 64 * 64;                // P: two terms of 64 rows x
 constexpr int kKSteps = kHeadDim / 32;              // 18
 constexpr float kMaxSlack = 2.f;
 constexpr float kPScaleLog2 = 6.f;                  // P is stored as e4m3 terms of 2^6 p
-// setmaxnreg: S of an 8-bit page and its softmax need few registers; the value warpgroups hold O
-// (128) and a transpose in flight. 88 + 2 * 208 = 504 = 3 * 168. (ptxas still spills 16 bytes.)
-constexpr int kRegsScore = 88, kRegsValue = 208;
+// setmaxnreg: WG0 holds S in two accumulators (64) and the softmax's state; the value warpgroups
+// hold O (128) and a transpose in flight. 104 + 2 * 200 = 504 = 3 * 168. (ptxas still spills 8 bytes.)
+constexpr int kRegsScore = 104, kRegsValue = 200;
 
 constexpr int kSmemQ = 0;
 constexpr int kSmemKV = kSmemQ + kPageBytes;                // kStages pages
@@ -160,10 +160,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid == 0) tl::page(g, tl::kScoreWaitFull);
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       if (tid == 0) tl::page(g, tl::kScoreIssue);
-      float s[32];
-      issue_qk<QK, kKSteps, 2, kChunkBytes>(s_q, s_stage, s, [](uint32_t a) { return desc_sw64(a); });
+      // In two accumulators, k-steps 0-8 and 9-17, added in fp32: the e4m3 tensor cores add into
+      // their accumulator with fewer bits than fp32 (about 14), and the error grows with the
+      // number of k-steps in one chain; at 18 a row's lse drifted past the contract's 1e-2 on long
+      // sequences (0.016 at 24k tokens).
+      float s[32], s_hi[32];
+      wgmma_fence();
+      qk_steps<QK, 0, kKSteps / 2, 2, kChunkBytes>(s_q, s_stage, s, [](uint32_t a) { return desc_sw64(a); });
+      qk_steps<QK, kKSteps / 2, kKSteps, 2, kChunkBytes>(s_q, s_stage, s_hi, [](uint32_t a) { return desc_sw64(a); });
+      wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
+      fence_regs(s_hi);
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] += s_hi[i];
       if (tid == 0) tl::page(g, tl::kScoreDone);
       mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
 
