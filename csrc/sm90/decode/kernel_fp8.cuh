@@ -3,8 +3,9 @@
 // The CTA's work is the bf16 kernel's (kernel.cuh: one 64-row query tile x one scheduler stretch
 // of pages, 384 threads), with e4m3 operands in both products:
 //   WG0 (score warpgroup): per sequence the e4m3 Q tile by TMA (ops.cpp quantized a bf16/fp16 q
-//       row by row, csrc/common/quantize.cu); per page S = Q8 . K8^T (wgmma m64n64k32 e4m3, 18
-//       k-steps), each row scaled by its q scale * descale_k * softmax_scale, the online softmax,
+//       row by row, csrc/common/quantize.cu, and the decode launches as that kernel's programmatic
+//       dependent: WG0 waits for it before Q); per page S = Q8 . K8^T (wgmma m64n64k32 e4m3, 18
+//       k-steps in two chains), each row scaled by its q scale * descale_k * softmax_scale, the online softmax,
 //       and P as two e4m3 terms into the page's P buffer (2 x 64 x 64 bytes, 64B swizzle).
 //   WG1, WG2 (value warpgroups): each owns 256 of the 512 output dims. 8-bit wgmma reads B only
 //       K-major, so each transposes its part of V (64 tokens x 256 dims of the page) into V^T
@@ -15,11 +16,13 @@
 // Pages land whole (one TMA box: 64 rows x 9 chunks of 64 bytes, 64B swizzle) in three stages; a
 // stage is refilled once S and both transposes are done with it. V^T and P have two buffers each.
 //
-// Numerics (ops.py states the bound): the products are exact in the fp32 accumulators. P goes to
-// the tensor cores in two e4m3 terms, P = P_hi + P_lo (P_hi = e4m3(p), P_lo = e4m3(p - P_hi)), as
-// two more k-steps of the same wgmma chain against the same V^T: one e4m3 term alone is 2^-4
-// relative per probability, which puts out about 3% of a row's largest |out| off on random data;
-// two terms are about 2^-8. Probabilities are stored times 2^6 (kPScaleLog2): the running max
+// Numerics (ops.py states the bound): the products are exact, but the e4m3 tensor cores add them
+// into the accumulator with about 14 bits, an error that grows with the k-steps of one chain: S
+// runs as two chains of 9 k-steps, added in fp32 (with one chain of 18, lse drifted past 1e-2 on
+// sequences of ~30k tokens). P goes to the tensor cores in two e4m3 terms, P = P_hi + P_lo
+// (P_hi = e4m3(p), P_lo = e4m3(p - P_hi)), as two more k-steps of the same wgmma chain against the
+// same V^T: one e4m3 term alone is 2^-4 relative per probability, which puts out about 3% of a
+// row's largest |out| off on random data; two terms are about 2^-8. Probabilities are stored times 2^6 (kPScaleLog2): the running max
 // moves by more than kMaxSlack = 2 (log2) only, so 2^6 p <= 256 < 448, and P_lo keeps e4m3's full
 // precision for p down to 2^-8 of the running max.
 
