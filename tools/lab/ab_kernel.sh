@@ -20,6 +20,8 @@
 # a time limit and a timestamp; logs go to $OUT: run.log (the quick rows too), build.log,
 # timeline-{a,b,..}.json, bench-{a,b,..}.json and summary.txt (tools/lab/ab_summary.py: the quick
 # rows side by side, and each sweep against A by class of rows).
+# BENCH_ARGS="--dtype fp8" times the FP8 kernel in the quick and bench steps (its rows' us are the
+# FP8 kernel's), and TIMELINE_ARGS=--fp8 gives the FP8 kernel's timeline.
 set -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 [ $# -ge 2 ] && [ $# -le 4 ] || { echo "usage: $0 TREE_A TREE_B [TREE_C [TREE_D]]"; exit 2; }
@@ -49,7 +51,7 @@ export PYTHONUNBUFFERED=1
   t0=$(date +%s); wait "${pids[@]}"; echo "builds: $(( $(date +%s) - t0 )) s"  # never a bare wait: tee is a child too
   for log in $W/build-*.log; do echo "== $log"; grep -E "C75[0-9]{2}|spill" "$log" | sort | uniq -c | head -4; done
   cat $W/build-*.log > "$OUT/build.log"
-  quick() { echo "== $(date +%T) quick $1 ($2)"; (cd $W/${1}0 && timeout 60 python3 -m torch_mla.bench --quick \
+  quick() { echo "== $(date +%T) quick $1 ($2)"; (cd $W/${1}0 && timeout 60 python3 -m torch_mla.bench --quick ${BENCH_ARGS:-} \
               2>&1 | grep -E "^(b=|device|[0-9]+ shapes)"); }
   for step in $STEPS; do
     case $step in
@@ -58,7 +60,7 @@ export PYTHONUNBUFFERED=1
                (cd $W/${v}0 && SKIP_BUILD=1 OUT=$W/check-$v timeout 240 bash "$TOOLS/gpu_check.sh" tests)
              done ;;
       bench) for v in "${V[@]}"; do  # the full sweep of every version, A first (about 100 s each)
-               echo "== $(date +%T) bench $v"; (cd $W/${v}0 && timeout 300 python3 -m torch_mla.bench --json "$OUT/bench-$v.json" 2>&1 \
+               echo "== $(date +%T) bench $v"; (cd $W/${v}0 && timeout 300 python3 -m torch_mla.bench ${BENCH_ARGS:-} --json "$OUT/bench-$v.json" 2>&1 \
                  | grep -E "^(b=|device|[0-9]+ shapes)")
              done ;;
       decoder) echo "== $(date +%T) decoder, b"
@@ -69,7 +71,7 @@ export PYTHONUNBUFFERED=1
              for i in $(seq $(( ${#V[@]} - 1 )) -1 0); do quick ${V[$i]} 2; done ;;
       timeline) for v in $TIMELINE; do
                   [ -d $W/${v}1 ] || continue
-                  echo "== $(date +%T) timeline $v"; (cd $W/${v}1 && timeout 120 python3 "$(timeline_of .)" --json "$OUT/timeline-$v.json")
+                  echo "== $(date +%T) timeline $v"; (cd $W/${v}1 && timeout 120 python3 "$(timeline_of .)" ${TIMELINE_ARGS:-} --json "$OUT/timeline-$v.json")
                 done ;;
     esac
   done
