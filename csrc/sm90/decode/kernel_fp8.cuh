@@ -18,13 +18,14 @@
 //
 // Numerics (ops.py states the bound): the products are exact, but the e4m3 tensor cores add them
 // into the accumulator with about 14 bits, an error that grows with the k-steps of one chain: S
-// runs as two chains of 9 k-steps, added in fp32 (with one chain of 18, lse drifted past 1e-2 on
-// sequences of ~30k tokens). P goes to the tensor cores in two e4m3 terms, P = P_hi + P_lo
-// (P_hi = e4m3(p), P_lo = e4m3(p - P_hi)), as two more k-steps of the same wgmma chain against the
-// same V^T: one e4m3 term alone is 2^-4 relative per probability, which puts out about 3% of a
-// row's largest |out| off on random data; two terms are about 2^-8. Probabilities are stored times 2^6 (kPScaleLog2): the running max
-// moves by more than kMaxSlack = 2 (log2) only, so 2^6 p <= 256 < 448, and P_lo keeps e4m3's full
-// precision for p down to 2^-8 of the running max.
+// runs as two chains of 9 k-steps, added in fp32 (with one chain of 18, lse drifted to 0.016,
+// past 1e-2, on sequences of up to ~40k tokens). P goes to the tensor cores in two e4m3 terms,
+// P = P_hi + P_lo (P_hi = e4m3(p), P_lo = e4m3(p - P_hi)), as two more k-steps of the same wgmma
+// chain against the same V^T: one e4m3 term alone is 2^-4 relative per probability, which puts
+// out about 3% of a row's largest |out| off on random data; two terms are about 2^-8.
+// Probabilities are stored times 2^6 (kPScaleLog2): the running max moves by more than
+// kMaxSlack = 2 (log2) only, so 2^6 p <= 256 < 448, and P_lo keeps e4m3's full precision for p
+// down to 2^-8 of the running max.
 
 #pragma once
 
@@ -163,14 +164,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid == 0) tl::page(g, tl::kScoreWaitFull);
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       if (tid == 0) tl::page(g, tl::kScoreIssue);
-      // In two accumulators, k-steps 0-8 and 9-17, added in fp32: the e4m3 tensor cores add into
-      // their accumulator with fewer bits than fp32 (about 14), and the error grows with the
-      // number of k-steps in one chain; at 18 a row's lse drifted past the contract's 1e-2 on long
-      // sequences (0.016 at 24k tokens).
+      // In two chains, k-steps 0-8 and 9-17, added in fp32 (the numerics note at the top says why)
       float s[32], s_hi[32];
+      const auto desc = [](uint32_t a) { return desc_sw64(a); };
       wgmma_fence();
-      qk_steps<QK, 0, kKSteps / 2, 2, kChunkBytes>(s_q, s_stage, s, [](uint32_t a) { return desc_sw64(a); });
-      qk_steps<QK, kKSteps / 2, kKSteps, 2, kChunkBytes>(s_q, s_stage, s_hi, [](uint32_t a) { return desc_sw64(a); });
+      qk_steps<QK, 0, kKSteps / 2, 2, kChunkBytes>(s_q, s_stage, s, desc);
+      qk_steps<QK, kKSteps / 2, kKSteps, 2, kChunkBytes>(s_q, s_stage, s_hi, desc);
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
