@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/launch.cuh"
 #include "common/pack.cuh"
 #include "params.h"
 
@@ -135,17 +136,9 @@ template <typename T, int kRowsPerBlock, int kSlices>
 void launch_combine_rows(const Params& a, dim3 grid, cudaStream_t stream) {
   // Programmatic dependent launch: the combine is launched while the decode kernel drains, so its
   // launch latency hides behind the decode's tail (the kernel waits with griddepcontrol.wait).
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(32 * kCombineWarps);
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, combine_kernel<T, kRowsPerBlock, kSlices>, static_cast<const float*>(a.out_accum),
-                     static_cast<const float*>(a.lse_accum), a.num_splits, static_cast<T*>(a.out), a.lse, a.s_q, a.h_q);
+  launch_kernel(combine_kernel<T, kRowsPerBlock, kSlices>, grid, dim3(32 * kCombineWarps), 0, stream, true,
+                static_cast<const float*>(a.out_accum), static_cast<const float*>(a.lse_accum), a.num_splits,
+                static_cast<T*>(a.out), a.lse, a.s_q, a.h_q);
 }
 
 template <typename T>

@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/launch.cuh"
 #include "sm90/decode/kernel.cuh"
 #include "sm90/decode/kernel_fp8.cuh"
 
@@ -89,23 +90,10 @@ void launch_fp8(const Params& p, cudaStream_t stream) {
   opt_in_dynamic_smem(reinterpret_cast<const void*>(&sm90::fp8::decode_kernel<T>), sm90::fp8::kSmemAlloc, smem_set,
                       "mla.decode");
   const dim3 grid((p.rows + kTileRows - 1) / kTileRows, p.num_parts);
-  if (!p.q_quantized) {
-    sm90::fp8::decode_kernel<T><<<grid, sm90::kThreads, sm90::fp8::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
-    return;
-  }
-  // After the kernel that quantized q: a programmatic dependent launch, so that this kernel's
-  // start and its first pages' loads overlap that kernel (the score warpgroup waits before Q).
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(sm90::kThreads);
-  config.dynamicSmemBytes = sm90::fp8::kSmemAlloc;
-  config.stream = stream;
-  config.attrs = &attr;
-  config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, sm90::fp8::decode_kernel<T>, tmap_q, tmap_kv, p);
+  // After the kernel that quantized q: its programmatic dependent, so that this kernel's start and
+  // its first pages' loads overlap that kernel (the score warpgroup waits before Q).
+  launch_kernel(sm90::fp8::decode_kernel<T>, grid, dim3(sm90::kThreads), sm90::fp8::kSmemAlloc, stream, p.q_quantized,
+                tmap_q, tmap_kv, p);
 }
 
 }  // namespace
