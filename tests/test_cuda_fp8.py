@@ -5,8 +5,8 @@ Skipped where there is no GPU.
 Bound: the contract's (ops.FP8_OUT_RTOL of each row's largest |out|, ops.FP8_LSE_ATOL on lse).
 The kernel's products are exact; the e4m3 tensor cores add them with about 14 bits, an error
 that grows with the k-steps of one accumulator chain (the kernel splits S into two chains) and
-shows on lse at long sequences. P goes to the tensor cores in two e4m3 terms (about 2^-8
-relative), out is rounded to bf16/fp16.
+shows on lse at long sequences. P·V runs in fp16 (V widened exactly, P one fp16 term, 2^-11
+relative); out is rounded to bf16/fp16.
 """
 
 import math

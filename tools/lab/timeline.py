@@ -9,7 +9,7 @@ shape this runs one decode call and prints, in µs (medians over pages and CTAs,
 pages of a stretch left out): the period (from one S issue to the next), each phase, and the
 hand-offs between them. Clocks convert to time by the CTA's own globaltimer over its lifetime.
 --fp8: the FP8 kernel (a bf16 q over an e4m3 cache), whose stamps sit at the same points; its
-refill is issued by the producer once S and both transposes are done with the stage, and a stage
+refill is issued by the producer once S and both widenings are done with the stage, and a stage
 comes back kStages = 3 pages later.
 """
 

@@ -65,6 +65,9 @@ static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 __device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) { return make_desc(addr, 16, 1024); }
 // MN-major operand (V as B): 64-element MN atoms 8 KB apart (LBO), 8-row K groups 1 KB apart (SBO).
 __device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) { return make_desc(addr, kChunkBytes, 1024); }
+// Byte offset of the 16-bit element (row, col) of a tile of 128-byte rows in the 128B swizzle
+// (16-byte units of a row XOR its low 3 bits): P as desc_k_major reads it.
+__device__ __forceinline__ int sw128(int row, int col) { return row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2; }
 
 template <typename T>
 struct Gmma;
@@ -400,8 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -m_use[h]));
             l[h] += p0 + p1;
             const int row = r0 + 8 * h, col = 8 * j + col_base;
-            *reinterpret_cast<uint32_t*>(p_smem + row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2) =
-                pack2<T>(p0, p1);
+            *reinterpret_cast<uint32_t*>(p_smem + sw128(row, col)) = pack2<T>(p0, p1);
           }
       };
       p_half(0);

@@ -1,31 +1,31 @@
-// Hopper (sm90a) split-KV MLA decode over an FP8 (e4m3) cache, on the FP8 tensor cores.
+// Hopper (sm90a) split-KV MLA decode over an FP8 (e4m3) cache: S on the FP8 tensor cores, P.V
+// on the fp16 ones.
 //
 // The CTA's work is the bf16 kernel's (kernel.cuh: one 64-row query tile x one scheduler stretch
-// of pages, 384 threads), with e4m3 operands in both products:
+// of pages, 384 threads):
 //   WG0 (score warpgroup): per sequence the e4m3 Q tile by TMA (ops.cpp quantized a bf16/fp16 q
 //       row by row, csrc/common/quantize.cu, and the decode launches as that kernel's programmatic
 //       dependent: WG0 waits for it before Q); per page S = Q8 . K8^T (wgmma m64n64k32 e4m3, 18
-//       k-steps in two chains), each row scaled by its q scale * descale_k * softmax_scale, the online softmax,
-//       and P as two e4m3 terms into the page's P buffer (2 x 64 x 64 bytes, 64B swizzle).
-//   WG1, WG2 (value warpgroups): each owns 256 of the 512 output dims. 8-bit wgmma reads B only
-//       K-major, so each transposes its part of V (64 tokens x 256 dims of the page) into V^T
-//       (256 dims x 64 tokens) in shared memory, then O += P . V^T (wgmma m64n256k32 e4m3, 4
-//       k-steps: 2 per term of P). WG0 publishes P in two halves (tokens 0-31, then 32-63), so
-//       the first half's k-steps start before the softmax ends; the transpose of page i+1 runs
-//       between the two halves of P.V of page i.
+//       k-steps in two chains), each row scaled by its q scale * descale_k * softmax_scale, the
+//       online softmax, and P in fp16 into the page's P buffer (the bf16 kernel's layout), in two
+//       halves (tokens 0-31, then 32-63) so that P.V's first k-steps start before the softmax ends.
+//   WG1, WG2 (value warpgroups): each owns 256 of the 512 output dims. Each widens its part of V
+//       (64 tokens x 256 dims of the page; e4m3 -> fp16 is exact) into its half of one fp16 V
+//       buffer in the bf16 kernel's layout, then O += P . V (wgmma m64n256k16 f16, 4 k-steps).
+//       fp16 wgmma reads V as it lies (MN-major); 8-bit wgmma would need V transposed in shared
+//       memory and P in two e4m3 terms (docs/kernel.md has the two measured side by side).
+//       One fp16 V buffer (two do not fit), refilled in halves while the tensor cores work:
+//       rows 32-63 of page i while P.V's first two k-steps of page i run, rows 0-31 of page i+1
+//       once those are done, while the last two run.
 // Pages land whole (one TMA box: 64 rows x 9 chunks of 64 bytes, 64B swizzle) in three stages; a
-// stage is refilled once S and both transposes are done with it. V^T and P have two buffers each.
+// stage is refilled once S and both widenings are done with it. P has two buffers.
 //
-// Numerics (ops.py states the bound): the products are exact, but the e4m3 tensor cores add them
+// Numerics (ops.py states the bound): S's products are exact, but the e4m3 tensor cores add them
 // into the accumulator with about 14 bits, an error that grows with the k-steps of one chain: S
 // runs as two chains of 9 k-steps, added in fp32 (with one chain of 18, lse drifted to 0.016,
-// past 1e-2, on sequences of up to ~40k tokens). P goes to the tensor cores in two e4m3 terms,
-// P = P_hi + P_lo (P_hi = e4m3(p), P_lo = e4m3(p - P_hi)), as two more k-steps of the same wgmma
-// chain against the same V^T: one e4m3 term alone is 2^-4 relative per probability, which puts
-// out about 3% of a row's largest |out| off on random data; two terms are about 2^-8.
-// Probabilities are stored times 2^6 (kPScaleLog2): the running max moves by more than
-// kMaxSlack = 2 (log2) only, so 2^6 p <= 256 < 448, and P_lo keeps e4m3's full precision for p
-// down to 2^-8 of the running max.
+// past 1e-2, on sequences of up to ~40k tokens). P is one fp16 term (2^-11 relative per
+// probability), stored times 2^6 (kPScaleLog2): the running max moves by more than kMaxSlack = 2
+// (log2) only, so 2^6 p <= 256, and p stays a normal fp16 down to 2^-20 of the running max.
 
 #pragma once
 
@@ -38,19 +38,19 @@ namespace mla::sm90::fp8 {
 constexpr int kChunkBytes = 64 * 64;                // 64 rows x 64 e4m3 (one 64B swizzle row each)
 constexpr int kPageBytes = kChunks * kChunkBytes;   // 36 KB: a page, or a Q tile
 constexpr int kStages = 3;                          // pages in flight
-constexpr int kVtBytes = kHeadDimV * 64;            // V^T: 512 dims x 64 tokens
-constexpr int kPBytes = 2 * 64 * 64;                // P: two terms of 64 rows x 64 tokens
+constexpr int kV16Bytes = kHeadDimV * 64 * 2;       // V in fp16: 64 tokens x 512 dims
+constexpr int kPBytes = 64 * 64 * 2;                // P in fp16: 64 rows x 64 tokens
 constexpr int kKSteps = kHeadDim / 32;              // 18
 constexpr float kMaxSlack = 2.f;
-constexpr float kPScaleLog2 = 6.f;                  // P is stored as e4m3 terms of 2^6 p
+constexpr float kPScaleLog2 = 6.f;                  // P is stored as fp16 2^6 p
 // setmaxnreg: WG0 holds S in two accumulators (64) and the softmax's state; the value warpgroups
-// hold O (128) and a transpose in flight. 104 + 2 * 200 = 504 = 3 * 168. (ptxas still spills 8 bytes.)
-constexpr int kRegsScore = 104, kRegsValue = 200;
+// hold O (128) and a widening in flight. 120 + 2 * 192 = 504 = 3 * 168 (no spill).
+constexpr int kRegsScore = 120, kRegsValue = 192;
 
 constexpr int kSmemQ = 0;
 constexpr int kSmemKV = kSmemQ + kPageBytes;                // kStages pages
-constexpr int kSmemVt = kSmemKV + kStages * kPageBytes;     // 2 x V^T
-constexpr int kSmemP = kSmemVt + 2 * kVtBytes;              // 2 x P
+constexpr int kSmemV16 = kSmemKV + kStages * kPageBytes;    // V in fp16 (each value warpgroup its half)
+constexpr int kSmemP = kSmemV16 + kV16Bytes;                // 2 x P
 constexpr int kSmemScale = kSmemP + 2 * kPBytes;            // float [2][64]: O rescale factor of the page
 constexpr int kSmemInvL = kSmemScale + 2 * 64 * 4;          // float [2][64]: descale_k / row sum (last page)
 constexpr int kSmemSlot = kSmemInvL + 2 * 64 * 4;           // int [2]: workspace slot of the split (-1: out)
@@ -61,12 +61,9 @@ static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 
 // K-major operand in 64-byte swizzled rows: 8-row groups 512 bytes apart.
 __device__ __forceinline__ uint64_t desc_sw64(uint32_t addr) { return make_desc(addr, 16, 512, 2); }
-// Byte offset of (row, byte col) in a tile of 64-byte rows with the 64B swizzle (16-byte units of
-// a row XOR bits 1-2 of the row), as TMA writes it and wgmma reads it.
-__device__ __forceinline__ int sw64(int row, int col) { return row * 64 + ((((col >> 4) ^ (row >> 1)) & 3) << 4) + (col & 15); }
 
 using QK = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
-using PV = cute::SM90::GMMA::MMA_64x256x32_F32E4M3E4M3_SS_TN<>;
+using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 
 // T: the output dtype (bf16 or fp16).
 template <typename T>
@@ -80,7 +77,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* inv_l_s = reinterpret_cast<float*>(smem + kSmemInvL);
   int* slot_s = reinterpret_cast<int*>(smem + kSmemSlot);
   const uint32_t bar_full = s_base + kSmemBar;          // + 8 * stage: the page has landed (TMA)
-  const uint32_t bar_free = bar_full + 8 * kStages;     // S and both transposes are done with it (384)
+  const uint32_t bar_free = bar_full + 8 * kStages;     // S and both widenings are done with it (384)
   const uint32_t bar_pfull = bar_free + 8 * kStages;    // + 8 * buffer: P's tokens 0-31 and the row factors written (128)
   const uint32_t bar_pfull2 = bar_pfull + 8 * 2;        // P's tokens 32-63 written (128)
   const uint32_t bar_pempty = bar_pfull2 + 8 * 2;       // P.V done with the P buffer (256)
@@ -193,9 +190,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         m[h] = m_new;
         l[h] *= sc[h];
       }
-      // ---- P (times 2^6, two e4m3 terms) into the P buffer, once P.V of the page two back is done with it
+      // ---- P (times 2^6, fp16) into the P buffer, once P.V of the page two back is done with it
       if (g >= 2) mbar_wait(bar_pempty + 8 * pb, ((g / 2) + 1) & 1);
-      // In two halves, as the bf16 kernel publishes P: tokens 0-31 (both terms) with the row
+      // In two halves, as the bf16 kernel publishes P: tokens 0-31 with the row
       // factors on p_full, so that P.V's first two k-steps start while tokens 32-63 are computed.
       uint8_t* p_smem = smem + kSmemP + pb * kPBytes;
       auto p_half = [&](int half) {
@@ -207,13 +204,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float p0 = exp2f(fmaf(s[4 * j + 2 * h], rs[h], -m_use[h]));
           const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], rs[h], -m_use[h]));
           l[h] += p0 + p1;
-          const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(make_float2(p0, p1), __NV_SATFINITE, __NV_E4M3);
-          const float2 hf = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(hi, __NV_E4M3)));
-          const __nv_fp8x2_storage_t lo =
-              __nv_cvt_float2_to_fp8x2(make_float2(p0 - hf.x, p1 - hf.y), __NV_SATFINITE, __NV_E4M3);
-          const int off = sw64(r0 + 8 * h, 8 * j + col_base);
-          *reinterpret_cast<__nv_fp8x2_storage_t*>(p_smem + off) = hi;
-          *reinterpret_cast<__nv_fp8x2_storage_t*>(p_smem + kPBytes / 2 + off) = lo;
+          *reinterpret_cast<uint32_t*>(p_smem + sw128(r0 + 8 * h, 8 * j + col_base)) = pack2<__half>(p0, p1);
         }
       };
       p_half(0);
@@ -233,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       advance(cur, st, p.cache_seqlens);
     }
   } else {
-    // ============================ value warpgroups: V^T of their 256 dims, O += P V
+    // ============================ value warpgroups: V of their 256 dims widened to fp16, O += P V
     reg_alloc<kRegsValue>();
     const int v = wg - 1;
     const bool producer = tid == 128;
@@ -258,95 +249,65 @@ __global__ void __launch_bounds__(kThreads, 1)
       tl::loads_issued();
     }
 
-    // The transpose: this thread moves 8 tokens x 16 dims, the 16-byte unit du of chunk 4 v + warp
-    // for tokens 8 tg .. 8 tg + 7. Its k-th read is token 8 tg + (k ^ tg), so that the 8 lanes of a
-    // read phase (one du, tg = 0..7) hit 8 different bank groups; two passes of 8-byte reads
-    // (the half hw = pass ^ (du & 1): the 16 lanes of a half-warp then differ in row parity, unit
-    // or half) keep 16 data registers live. The byte permutes undo the (k ^ tg) order.
-    // Addresses: in a 64B-swizzled tile, the offset of (row, byte) splits into bit fields that
-    // XOR, so each read and write is this thread's base address XOR a compile-time constant (no
-    // table of 32 offsets held across the loop).
-    const int tg = lane % 8, du = lane / 8, x = tg & 3;
-    const uint32_t sel_lo = (x & 1) ? 0x1504 : 0x5140, sel_hi = (x & 1) ? 0x3726 : 0x7362;
-    const uint32_t sel_b0 = (x & 2) ? 0x1054 : 0x5410, sel_b1 = (x & 2) ? 0x3276 : 0x7632;
-    const bool swap_quads = tg & 4;
-    // read k of the page, half hw: sw64(8 tg + (k ^ tg), 16 du + 8 hw) = rd_base ^ (8 hw') ^ rd_xor(k)
-    auto rd_xor = [](int y) { return static_cast<uint32_t>((y << 6) | ((y & 6) << 3)); };  // row y (< 8) of 64B rows
-    const uint32_t rd_base = (4 * v + warp) * kChunkBytes + 512 * tg + (8 * (du & 1)) + (rd_xor(tg) ^ (du << 4));
-    // write (dim n = 64 warp + 16 du + 8 hw + c, c = 4 w + e; tokens 8 tg..): sw64(n, 8 tg) = wr_base ^ (512 hw') ^ wr_xor(c)
-    auto wr_xor = [](int c) { return static_cast<uint32_t>((c << 6) | (((c >> 1) & 3) << 4)); };
-    const uint32_t wr_base = v * (kVtBytes / 2) + (64 * warp + 16 * du + 8 * (du & 1)) * 64 + 8 * (tg & 1) + (((tg >> 1) & 3) << 4);
-    Cursor tc = cur;  // the page the next transpose reads
-    int t_seq = -1, t_len = 0;
-    auto transpose = [&](int gi) {
+    // The widening: this thread moves row t (lane, then 32 + lane) of chunk 4 v + warp: 4 reads of
+    // 16 e4m3 (64B swizzle), 32 conversions (exact), 8 writes of 8 fp16 into the warpgroup's half
+    // of the fp16 V (chunk warp: 64 rows x 128 B, 128B swizzle: the bf16 kernel's V layout). A read
+    // or write phase of 8 lanes covers all 32 banks. Rows past the sequence become zeros.
+    Cursor wc = cur;  // the page the next widen reads
+    int w_seq = -1, w_len = 0, w_valid = kPageSize;
+    const uint32_t v16 = s_base + kSmemV16 + v * (kV16Bytes / 2) + warp * 8192;
+    auto widen = [&](int gi, int part) {  // part 0: rows 0-31, part 1: rows 32-63
       const int stage = gi % kStages;
-      mbar_wait(bar_full + 8 * stage, (gi / kStages) & 1);
-      if (tc.b != t_seq) {
-        t_seq = tc.b;
-        t_len = p.cache_seqlens[tc.b];
-      }
-      const int valid = t_len - tc.page * kPageSize;  // rows at or past it hold anything (NaN too): zeros
-      const uint32_t src = (s_kv + stage * kPageBytes) + rd_base;  // (stage bases: multiples of 4 KB)
-      const uint32_t dst = (s_base + kSmemVt + (gi % 2) * kVtBytes) + wr_base;
-      // (a full page, the common case, without the selects that zero the rows past the sequence)
-      auto move = [&](auto partial) {
-        constexpr bool kPartial = decltype(partial)::value;
-#pragma unroll 1
-        for (int pass = 0; pass < 2; ++pass) {
-          uint32_t r[8][2];
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            const int t = 8 * tg + (k ^ tg);
-            uint32_t w0, w1;
-            asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(w0), "=r"(w1) : "r"(src ^ (8 * pass) ^ rd_xor(k)));
-            r[k][0] = !kPartial || t < valid ? w0 : 0u;
-            r[k][1] = !kPartial || t < valid ? w1 : 0u;
-          }
-#pragma unroll
-          for (int w = 0; w < 2; ++w) {
-            uint32_t out[2][4];  // [quad of registers][byte]: 4 tokens of dim 4 w + byte
-#pragma unroll
-            for (int G = 0; G < 2; ++G) {
-              const uint32_t u0 = __byte_perm(r[4 * G][w], r[4 * G + 1][w], sel_lo);
-              const uint32_t u1 = __byte_perm(r[4 * G][w], r[4 * G + 1][w], sel_hi);
-              const uint32_t u2 = __byte_perm(r[4 * G + 2][w], r[4 * G + 3][w], sel_lo);
-              const uint32_t u3 = __byte_perm(r[4 * G + 2][w], r[4 * G + 3][w], sel_hi);
-              out[G][0] = __byte_perm(u0, u2, sel_b0);
-              out[G][1] = __byte_perm(u0, u2, sel_b1);
-              out[G][2] = __byte_perm(u1, u3, sel_b0);
-              out[G][3] = __byte_perm(u1, u3, sel_b1);
-            }
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const uint32_t lo = swap_quads ? out[1][e] : out[0][e], hi = swap_quads ? out[0][e] : out[1][e];
-              asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(dst ^ (512 * pass) ^ wr_xor(4 * w + e)), "r"(lo),
-                           "r"(hi)
-                           : "memory");
-            }
-          }
+      if (part == 0) {
+        mbar_wait(bar_full + 8 * stage, (gi / kStages) & 1);
+        if (wc.b != w_seq) {
+          w_seq = wc.b;
+          w_len = p.cache_seqlens[wc.b];
         }
-      };
-      if (valid < kPageSize)
-        move(std::true_type{});
-      else
-        move(std::false_type{});
-      fence_proxy_async();  // V^T, written by threads, is read by wgmma
-      mbar_arrive(bar_free + 8 * stage);
-      if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both transposes are done with it
-        mbar_wait(bar_free + 8 * stage, (gi / kStages) & 1);
-        issue(stage);
-        ld_next();
-        tl::page(gi, tl::kRefillIssued);
+        w_valid = w_len - wc.page * kPageSize;
       }
-      __syncwarp();
-      advance(tc, st, p.cache_seqlens);
-      named_barrier(4 + v, 128);  // the warpgroup's whole V^T is written
+      const int t = 32 * part + lane;
+      const uint32_t src = s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes + t * 64;
+      const uint32_t dst = v16 + t * 128;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        uint32_t x[4];
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                     : "r"(src + (((u ^ (t >> 1)) & 3) << 4)));
+        uint32_t y[8];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x[i] & 0xffff), __NV_E4M3);
+          const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x[i] >> 16), __NV_E4M3);
+          y[2 * i] = t < w_valid ? (static_cast<uint32_t>(lo.y) << 16 | lo.x) : 0u;
+          y[2 * i + 1] = t < w_valid ? (static_cast<uint32_t>(hi.y) << 16 | hi.x) : 0u;
+        }
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+          asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + (((2 * u + k) ^ (t & 7)) << 4)),
+                       "r"(y[4 * k]), "r"(y[4 * k + 1]), "r"(y[4 * k + 2]), "r"(y[4 * k + 3])
+                       : "memory");
+      }
+      fence_proxy_async();  // the fp16 V, written by threads, is read by wgmma
+      if (part == 1) {
+        mbar_arrive(bar_free + 8 * stage);  // this thread's reads of the page are done
+        if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both widenings are done with it
+          mbar_wait(bar_free + 8 * stage, (gi / kStages) & 1);
+          issue(stage);
+          ld_next();
+          tl::page(gi, tl::kRefillIssued);
+        }
+        __syncwarp();
+        advance(wc, st, p.cache_seqlens);
+      }
     };
 
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    transpose(0);
+    widen(0, 0);
+    named_barrier(4 + v, 128);  // the warpgroup's fp16 rows 0-31 of the first page are written
     int g = 0;
 #pragma unroll 1
     for (; cur.b <= st.end_b; ++g) {
@@ -361,21 +322,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       wgmma_fence();
       const uint32_t s_p = s_base + kSmemP + pb * kPBytes;
-      const uint32_t s_vt = s_base + kSmemVt + pb * kVtBytes + v * (kVtBytes / 2);
-      // k-steps: tokens 0-31 (P_hi, then P_lo), then tokens 32-63, once WG0 has published them
-      auto pv_half = [&](int half) {
-        const uint32_t koff = half * 32;
-        gmma_ss<PV>(desc_sw64(s_p + koff), desc_sw64(s_vt + koff), o, true, std::make_index_sequence<128>{});
-        gmma_ss<PV>(desc_sw64(s_p + kPBytes / 2 + koff), desc_sw64(s_vt + koff), o, true, std::make_index_sequence<128>{});
+      const uint32_t s_v = s_base + kSmemV16 + v * (kV16Bytes / 2);
+      auto pv_step = [&](int kk) {  // tokens 16 kk .. 16 kk + 15
+        gmma_ss<PV>(desc_k_major(s_p + kk * 32), desc_mn_major(s_v + kk * 16 * 128), o, true,
+                    std::make_index_sequence<128>{});
       };
-      pv_half(0);
+      pv_step(0);
+      pv_step(1);
       wgmma_commit();
       if (tid == 128) tl::page(g, tl::kValueIssue);
-      if (tc.b <= st.end_b) transpose(g + 1);  // into the other V^T buffer, which P.V of page g - 1 is done with
+      widen(g, 1);  // rows 32-63 of this page, while its tokens 0-31 run on the tensor cores
+      named_barrier(4 + v, 128);
       mbar_wait(bar_pfull2 + 8 * pb, (g / 2) & 1);
       wgmma_fence();  // (after a wait between two wgmma of a chain: else ptxas serialises them)
-      pv_half(1);
+      pv_step(2);
+      pv_step(3);
       wgmma_commit();
+      const bool more = wc.b <= st.end_b;
+      wgmma_wait<1>();  // tokens 0-31 read: their fp16 rows take the next page's
+      named_barrier(4 + v, 128);
+      if (more) widen(g + 1, 0);
       wgmma_wait<0>();
       fence_regs(o);
       if (tid == 128) tl::page(g, tl::kValueDone);
@@ -389,6 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       mbar_arrive(bar_pempty + 8 * pb);
       if (last) store_rows<T>(p, o, inv, slot, b, m_tile * 64 + r0, v, lane);
+      named_barrier(4 + v, 128);  // the warpgroup's fp16 V of the next page is written
       advance(cur, st, p.cache_seqlens);
     }
     if (tid == 128) tl::end(g);
