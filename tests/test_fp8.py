@@ -54,6 +54,18 @@ def test_quantize_rows_gives_each_row_the_scale_of_its_largest_magnitude(seed, d
     assert q8[0, 0, 7].float().isnan() and torch.isfinite(scale).all()
 
 
+def test_a_row_scale_is_one_division_by_448():
+    # scale = amax / 448 rounded once, not amax * (1/448) rounded twice. With amax 2.40625 the
+    # scale is 11/2048 exactly and 1.6328125 / scale = 304, a tie between e4m3's 288 and 320 that
+    # rounds to even, 320; the reciprocal's scale (one ulp off) gives 288.
+    q = torch.tensor([2.40625, 1.6328125, -1.6328125, 0.0], dtype=torch.bfloat16)
+    q8, scale = torch_mla.quantize_rows_fp8(q)
+    assert scale.item() == 11 / 2048
+    assert q8.float().tolist() == [448.0, 320.0, -320.0, 0.0]
+    reciprocal = torch.tensor(2.40625) * (torch.tensor(1.0) / torch.tensor(448.0))  # (float32)
+    assert scale.item() != reciprocal.item(), "the example tells the two apart"
+
+
 @given(scale=scales)
 def test_dequantize_then_quantize_gives_back_every_e4m3_code(scale):
     codes = E4M3_CODES[~E4M3_CODES.float().isnan()]

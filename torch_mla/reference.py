@@ -28,7 +28,10 @@ def quantize_rows_fp8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale)``. Returns ``(q8, scale)``, scale float32 of shape ``q.shape[:-1] + (1,)``."""
     mag = q.float().abs()
     amax = torch.where(mag.isnan(), torch.zeros((), device=q.device), mag).amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones((), device=q.device))
+    # A division by a tensor, not by the number 448: PyTorch's CUDA division by a Python scalar
+    # multiplies by its rounded reciprocal, a scale one ulp off in most rows, and then q / scale
+    # rounds the other way wherever it is an exact tie (bf16 rows have them).
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones((), device=q.device))
     return quantize_fp8(q, scale), scale
 
 
