@@ -7,6 +7,7 @@ faster), on do_bench and on graph replay; the summary is the geometric mean per 
 import math
 
 import pytest
+import torch
 
 from torch_mla import bench
 
@@ -151,3 +152,13 @@ def test_fp8_rows_give_the_speedup_over_our_bf16_and_stay_out_of_the_flashmla_su
     text = capsys.readouterr().out
     assert "| 128 | 1 | 4096 | 16 | fixed | 100.0 | 150.0 | 1.50 | 160.0 | 1.60 |" in text
     assert f"| {cls} | 2 | 3.000 (1.50-6.00)" in text
+
+
+def test_the_check_compares_the_shortest_and_longest_sequences_then_a_seeded_draw():
+    lens = torch.tensor([50, 3, 900, 40, 3, 7, 900, 12, 60, 61])
+    idx = bench.checked_sequences(lens, count=6, seed=4)
+    assert idx.tolist()[:2] == [1, 2]  # the first shortest, the first longest
+    assert len(set(idx.tolist())) == 6 and torch.equal(idx, bench.checked_sequences(lens, count=6, seed=4))
+    assert not torch.equal(bench.checked_sequences(lens, count=10, seed=4), bench.checked_sequences(lens, count=10, seed=5))
+    assert sorted(bench.checked_sequences(lens, count=20).tolist()) == list(range(10))  # never more than there are
+    assert bench.checked_sequences(torch.tensor([5, 5]), count=8).tolist() == [0, 1]  # shortest = longest
