@@ -22,10 +22,11 @@
 //
 // Numerics (ops.py states the bound): S's products are exact, but the e4m3 tensor cores add them
 // into the accumulator with about 14 bits, an error that grows with the k-steps of one chain: S
-// runs as two chains of 9 k-steps, added in fp32 (with one chain of 18, lse drifted to 0.016,
-// past 1e-2, on sequences of up to ~40k tokens). P is one fp16 term (2^-11 relative per
-// probability), stored times 2^6 (kPScaleLog2): the running max moves by more than kMaxSlack = 2
-// (log2) only, so 2^6 p <= 256, and p stays a normal fp16 down to 2^-20 of the running max.
+// runs as two chains of 9 k-steps, added in fp32 (a sweep with one chain of 18 failed lse at
+// 0.016 on a varlen row, possibly the check's own error: docs/kernel.md). P is one fp16 term
+// (2^-11 relative per probability), stored times 2^6 (kPScaleLog2): the running max moves by
+// more than kMaxSlack = 2 (log2) only, so 2^6 p <= 256, and p stays a normal fp16 down to 2^-20
+// of the running max.
 
 #pragma once
 
