@@ -69,6 +69,23 @@ __device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) { return make_d
 // (16-byte units of a row XOR its low 3 bits): P as desc_k_major reads it.
 __device__ __forceinline__ int sw128(int row, int col) { return row * 128 + (((col >> 3) ^ (row & 7)) << 4) + (col & 7) * 2; }
 
+// Tokens 32 half .. 32 half + 31 of a page's P: p = 2^(s * scale[h] - m_use[h]) for this thread's
+// rows r0 + 8 h, added into the row sums l and stored as T pairs where desc_k_major reads P.
+template <typename T>
+__device__ __forceinline__ void write_p_half(uint8_t* p_smem, const float (&s)[32], const float (&scale)[2],
+                                             const float (&m_use)[2], float (&l)[2], int half, int r0, int col_base) {
+#pragma unroll
+  for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = 4 * half + jj;
+      const float p0 = exp2f(fmaf(s[4 * j + 2 * h], scale[h], -m_use[h]));
+      const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], scale[h], -m_use[h]));
+      l[h] += p0 + p1;
+      *reinterpret_cast<uint32_t*>(p_smem + sw128(r0 + 8 * h, 8 * j + col_base)) = pack2<T>(p0, p1);
+    }
+}
+
 template <typename T>
 struct Gmma;
 template <>
@@ -182,6 +199,17 @@ __device__ __forceinline__ void finish_rows(const Params& p, const float (&l)[2]
 }
 
 // The epilogue of a sequence's last page in a value warpgroup: its 256 columns (v) of rows
+// O's rows r0 and r0 + 8 (the wgmma accumulator of a value warpgroup) times the page's factors
+// row_scale[r0], row_scale[r0 + 8], which WG0 published with P; skipped when no row of the warp
+// moved its max (most pages). Every lane must call it.
+__device__ __forceinline__ void rescale_rows(float (&o)[128], const float* row_scale, int r0) {
+  const float sc0 = row_scale[r0], sc1 = row_scale[r0 + 8];
+  if (__any_sync(0xffffffff, sc0 != 1.f || sc1 != 1.f)) {
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
+  }
+}
+
 // row0 and row0 + 8 of O (the wgmma accumulator, times inv[h] = 1 / row sum) into out (T), or
 // as fp32 partials into workspace slot `slot` (>= 0) for the combine. Every lane must call it.
 template <typename T>
@@ -393,19 +421,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // and published on p_full2. (P.V of the page that used this stage before is done: its refill,
       // which this page's full barrier waited for, came after that.)
       uint8_t* p_smem = smem + kSmemKV + stage * kPageBytes + (kChunks - 1) * kChunkBytes;  // K's RoPE chunk
-      auto p_half = [&](int half) {
-#pragma unroll
-        for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int j = 4 * half + jj;
-            const float p0 = exp2f(fmaf(s[4 * j + 2 * h], p.scale_log2, -m_use[h]));
-            const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -m_use[h]));
-            l[h] += p0 + p1;
-            const int row = r0 + 8 * h, col = 8 * j + col_base;
-            *reinterpret_cast<uint32_t*>(p_smem + sw128(row, col)) = pack2<T>(p0, p1);
-          }
-      };
+      const float p_scale[2] = {p.scale_log2, p.scale_log2};
+      auto p_half = [&](int half) { write_p_half<T>(p_smem, s, p_scale, m_use, l, half, r0, col_base); };
       p_half(0);
       if (lane % 4 == 0) {
         scale_s[stage * 64 + r0] = sc[0];
@@ -477,11 +494,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       mbar_wait(bar_pfull + 8 * stage, (g / kStages) & 1);
       if (tid == 128) tl::page(g, tl::kValueIssue);
-      const float sc0 = scale_s[stage * 64 + r0], sc1 = scale_s[stage * 64 + r0 + 8];
-      if (__any_sync(0xffffffff, sc0 != 1.f || sc1 != 1.f)) {  // (most pages: no row of the warp moved its max)
-#pragma unroll
-        for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
-      }
+      rescale_rows(o, scale_s + stage * 64, r0);
       wgmma_fence();
       const uint32_t s_stage = s_kv + stage * kPageBytes;
       auto pv_step = [&](int kk) {

@@ -196,18 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // In two halves, as the bf16 kernel publishes P: tokens 0-31 with the row
       // factors on p_full, so that P.V's first two k-steps start while tokens 32-63 are computed.
       uint8_t* p_smem = smem + kSmemP + pb * kPBytes;
-      auto p_half = [&](int half) {
-#pragma unroll
-      for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int j = 4 * half + jj;
-          const float p0 = exp2f(fmaf(s[4 * j + 2 * h], rs[h], -m_use[h]));
-          const float p1 = exp2f(fmaf(s[4 * j + 2 * h + 1], rs[h], -m_use[h]));
-          l[h] += p0 + p1;
-          *reinterpret_cast<uint32_t*>(p_smem + sw128(r0 + 8 * h, 8 * j + col_base)) = pack2<__half>(p0, p1);
-        }
-      };
+      auto p_half = [&](int half) { write_p_half<__half>(p_smem, s, rs, m_use, l, half, r0, col_base); };
       p_half(0);
       if (lane % 4 == 0) {
         scale_s[pb * 64 + r0] = sc[0];
@@ -316,11 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool last = cur.page + 1 == cur.hi;
       const int pb = g % 2;
       mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
-      const float sc0 = scale_s[pb * 64 + r0], sc1 = scale_s[pb * 64 + r0 + 8];
-      if (__any_sync(0xffffffff, sc0 != 1.f || sc1 != 1.f)) {
-#pragma unroll
-        for (int i = 0; i < 128; ++i) o[i] *= (i % 4) < 2 ? sc0 : sc1;
-      }
+      rescale_rows(o, scale_s + pb * 64, r0);
       wgmma_fence();
       const uint32_t s_p = s_base + kSmemP + pb * kPBytes;
       const uint32_t s_v = s_base + kSmemV16 + v * (kV16Bytes / 2);
