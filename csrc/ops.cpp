@@ -72,6 +72,12 @@ void check_tma_layout(const char* name, const at::Tensor& t, std::initializer_li
                     std::to_string(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16), " mod 16");
 }
 
+// The kernels' name for a tensor's dtype (bf16, fp16, or fp32: the write_cache source only).
+DType dtype_of(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kBFloat16 ? DType::kBF16 : (s == at::kHalf ? DType::kFP16 : DType::kFP32);
+}
+
 int64_t num_sm_parts(const at::Tensor& like, int64_t num_q_tokens_per_head_k, int64_t num_heads_k) {
   const int sm_count = at::cuda::getDeviceProperties(like.device().index())->multiProcessorCount;
   const int64_t q_tiles = (num_q_tokens_per_head_k + kTileRows - 1) / kTileRows;
@@ -174,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
     } else {
       auto q8 = at::empty({batch, rows, kHeadDim}, q.options().dtype(at::ScalarType::Float8_e4m3fn));
       auto q_scale = at::empty({batch, rows}, q.options().dtype(at::kFloat));
-      launch_quantize_rows(q.data_ptr(), q.scalar_type() == at::kBFloat16 ? DType::kBF16 : DType::kFP16, q_batch,
+      launch_quantize_rows(q.data_ptr(), dtype_of(q), q_batch,
                            q_row, static_cast<int>(batch), static_cast<int>(rows),
                            static_cast<uint8_t*>(q8.data_ptr()), q_scale.data_ptr<float>(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -209,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> decode_cuda(const at::Tensor& q, const at::Te
   const double scale = softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(kHeadDim));
   p.scale_log2 = static_cast<float>(scale) * 1.4426950408889634f;
   p.causal = causal && s_q > 1 ? 1 : 0;
-  p.dtype = out.scalar_type() == at::kBFloat16 ? DType::kBF16 : DType::kFP16;
+  p.dtype = dtype_of(out);
   launch_decode(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -223,12 +229,11 @@ void write_cache_cuda(const at::Tensor& kv_c, const at::Tensor& k_pe, const at::
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (value_checks_due(stream)) call_ops("check_write_cache_values", kv_cache, slot_mapping, scale);
   if (fp8_dtype(kv_cache.scalar_type())) {
-    const auto src = kv_c.scalar_type();
     launch_write_cache_fp8(kv_c.data_ptr(), kv_c.stride(0), k_pe.data_ptr(), k_pe.stride(0),
                            static_cast<uint8_t*>(kv_cache.data_ptr()), kv_cache.stride(0), kv_cache.stride(1),
                            static_cast<int>(kv_cache.size(1)), slot_mapping.data_ptr(),
                            slot_mapping.scalar_type() == at::kLong, kv_c.size(0),
-                           src == at::kBFloat16 ? DType::kBF16 : (src == at::kHalf ? DType::kFP16 : DType::kFP32),
+                           dtype_of(kv_c),
                            scale->data_ptr<float>(), stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
