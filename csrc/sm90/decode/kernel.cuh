@@ -108,19 +108,14 @@ __device__ __forceinline__ void gmma_ss(uint64_t da, uint64_t db, float (&d)[N],
 // S = Q . K^T of one 64-row tile and one page, issued and committed, not waited for: kKSteps
 // k-steps of the wgmma Atom (m64n64), kStepsPerChunk of them in each swizzled chunk of kChunkBytes
 // of both operands, 32 bytes apart; desc makes an operand descriptor of a shared-memory address.
-// qk_steps: k-steps kFirst .. kLast - 1 alone into s (no fence, no commit).
-template <class Atom, int kFirst, int kLast, int kStepsPerChunk, int kChunkBytes, class Desc>
-__device__ __forceinline__ void qk_steps(uint32_t s_q, uint32_t s_page, float (&s)[32], Desc desc) {
-#pragma unroll
-  for (int k = kFirst; k < kLast; ++k) {
-    const uint32_t koff = (k / kStepsPerChunk) * kChunkBytes + (k % kStepsPerChunk) * 32;
-    gmma_ss<Atom>(desc(s_q + koff), desc(s_page + koff), s, k > kFirst, std::make_index_sequence<32>{});
-  }
-}
 template <class Atom, int kKSteps, int kStepsPerChunk, int kChunkBytes, class Desc>
 __device__ __forceinline__ void issue_qk(uint32_t s_q, uint32_t s_page, float (&s)[32], Desc desc) {
   wgmma_fence();
-  qk_steps<Atom, 0, kKSteps, kStepsPerChunk, kChunkBytes>(s_q, s_page, s, desc);
+#pragma unroll
+  for (int k = 0; k < kKSteps; ++k) {
+    const uint32_t koff = (k / kStepsPerChunk) * kChunkBytes + (k % kStepsPerChunk) * 32;
+    gmma_ss<Atom>(desc(s_q + koff), desc(s_page + koff), s, k > 0, std::make_index_sequence<32>{});
+  }
   wgmma_commit();
 }
 

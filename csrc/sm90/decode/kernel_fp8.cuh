@@ -6,7 +6,8 @@
 //   WG0 (score warpgroup): per sequence the e4m3 Q tile by TMA (ops.cpp quantized a bf16/fp16 q
 //       row by row, csrc/common/quantize.cu, and the decode launches as that kernel's programmatic
 //       dependent: WG0 waits for it before Q); per page S = Q8 . K8^T (wgmma m64n64k32 e4m3, 18
-//       k-steps in two chains), each row scaled by its q scale * descale_k * softmax_scale, the
+//       k-steps, the first kQRegSteps with Q from WG0's registers, read once a sequence: less
+//       shared-memory traffic a page), each row scaled by its q scale * descale_k * softmax_scale, the
 //       online softmax, and P in fp16 into the page's P buffer (the bf16 kernel's layout), in two
 //       halves (tokens 0-31, then 32-63) so that P.V's first k-steps start before the softmax ends.
 //   WG1, WG2 (value warpgroups): each owns 256 of the 512 output dims. Each widens its part of V
@@ -21,9 +22,8 @@
 // stage is refilled once S and both widenings are done with it. P has two buffers.
 //
 // Numerics (ops.py states the bound): S's products are exact, but the e4m3 tensor cores add them
-// into the accumulator with about 14 bits, an error that grows with the k-steps of one chain: S
-// runs as two chains of 9 k-steps, added in fp32 (a sweep with one chain of 18 failed lse at
-// 0.016 on a varlen row, possibly the check's own error: docs/kernel.md). P is one fp16 term
+// into the accumulator with about 14 bits, an error that grows with the k-steps of one chain (18
+// here; docs/kernel.md gives the lse it leaves, well within the bound). P is one fp16 term
 // (2^-11 relative per probability), stored times 2^6 (kPScaleLog2): the running max moves by
 // more than kMaxSlack = 2 (log2) only, so 2^6 p <= 256, and p stays a normal fp16 down to 2^-20
 // of the running max.
@@ -44,9 +44,11 @@ constexpr int kPBytes = 64 * 64 * 2;                // P in fp16: 64 rows x 64 t
 constexpr int kKSteps = kHeadDim / 32;              // 18
 constexpr float kMaxSlack = 2.f;
 constexpr float kPScaleLog2 = 6.f;                  // P is stored as fp16 2^6 p
-// setmaxnreg: WG0 holds S in two accumulators (64) and the softmax's state; the value warpgroups
-// hold O (128) and a widening in flight. 120 + 2 * 192 = 504 = 3 * 168 (no spill).
-constexpr int kRegsScore = 120, kRegsValue = 192;
+// setmaxnreg: WG0 holds S (32), 14 of the Q tile's 18 k-steps of A fragments (56; all 18 would
+// not fit, 16 spill) and the softmax's state; the value warpgroups hold O (128) and a widening in
+// flight. 136 + 2 * 184 = 504 = 3 * 168 (no spill).
+constexpr int kRegsScore = 136, kRegsValue = 184;
+constexpr int kQRegSteps = 14;  // k-steps of S with Q from registers (RS); the rest read Q from shared memory (SS)
 
 constexpr int kSmemQ = 0;
 constexpr int kSmemKV = kSmemQ + kPageBytes;                // kStages pages
@@ -63,7 +65,18 @@ static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
 // K-major operand in 64-byte swizzled rows: 8-row groups 512 bytes apart.
 __device__ __forceinline__ uint64_t desc_sw64(uint32_t addr) { return make_desc(addr, 16, 512, 2); }
 
-using QK = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
+using QKr = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_RS_TN<>;  // Q from registers
+using QKs = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;  // Q from shared memory
+
+// Byte offset of (row, byte col) in a tile of 64-byte rows with the 64B swizzle (16-byte units of
+// a row XOR bits 1-2 of the row), as TMA writes it.
+__device__ __forceinline__ int sw64(int row, int col) { return row * 64 + ((((col >> 4) ^ (row >> 1)) & 3) << 4) + (col & 15); }
+
+template <class Atom, size_t... I>
+__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[32], bool accumulate,
+                                        std::index_sequence<I...>) {
+  Atom::fma(a[0], a[1], a[2], a[3], db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
+}
 using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 
 // T: the output dtype (bf16 or fp16).
@@ -127,6 +140,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int limit[2], seqlen = 0;
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
+    uint32_t qa[kQRegSteps][4];  // this thread's A fragments of the Q tile, one set a k-step
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
       const int b = cur.b, page = cur.page;
@@ -154,6 +168,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         mbar_wait(bar_q, q_phase);
         q_phase ^= 1;
+        // The wgmma m64k32 8-bit A layout: rows r0, r0 + 8; bytes 4 (lane % 4) .. + 3, and + 16,
+        // of the k-step's 32 (chunk k / 2, its bytes 32 (k % 2) ..), read from the swizzled tile.
+#pragma unroll
+        for (int k = 0; k < kQRegSteps; ++k)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            qa[k][e] = *reinterpret_cast<const uint32_t*>(
+                smem + kSmemQ + (k / 2) * kChunkBytes + sw64(r0 + 8 * (e % 2), 32 * (k % 2) + 4 * (lane % 4) + 16 * (e / 2)));
       }
 
       // ---- S = Q K^T (64 rows x 64 tokens), e4m3 x e4m3 -> fp32
@@ -162,18 +184,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid == 0) tl::page(g, tl::kScoreWaitFull);
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       if (tid == 0) tl::page(g, tl::kScoreIssue);
-      // In two chains, k-steps 0-8 and 9-17, added in fp32 (the numerics note at the top says why)
-      float s[32], s_hi[32];
+      float s[32];
       const auto desc = [](uint32_t a) { return desc_sw64(a); };
       wgmma_fence();
-      qk_steps<QK, 0, kKSteps / 2, 2, kChunkBytes>(s_q, s_stage, s, desc);
-      qk_steps<QK, kKSteps / 2, kKSteps, 2, kChunkBytes>(s_q, s_stage, s_hi, desc);
+#pragma unroll
+      for (int k = 0; k < kKSteps; ++k) {
+        const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
+        if (k < kQRegSteps)
+          gmma_rs<QKr>(qa[k], desc(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
+        else
+          gmma_ss<QKs>(desc(s_q + koff), desc(s_stage + koff), s, true, std::make_index_sequence<32>{});
+      }
       wgmma_commit();
       wgmma_wait<0>();
       fence_regs(s);
-      fence_regs(s_hi);
-#pragma unroll
-      for (int i = 0; i < 32; ++i) s[i] += s_hi[i];
       if (tid == 0) tl::page(g, tl::kScoreDone);
       mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
 
