@@ -38,9 +38,8 @@ host sync reads them; they must be positive and finite (a value rule, checked wh
   largest magnitude of each row of ``out`` and within ``FP8_LSE_ATOL`` absolute on ``lse``. That
   bound leaves room for a kernel that computes both products on FP8 tensor cores (P as two e4m3
   terms, about 2^-8 relative; one term, 2^-4, put ``out`` up to 3.5% off on random data). The
-  CUDA kernel computes S on them and P·V in fp16 (V widened exactly, P one fp16 term, 2^-11),
-  and splits S into two accumulation chains added in fp32 (the tensor cores add e4m3 products
-  with about 14 bits, an error that grows with the length of a chain). The CPU reference computes in
+  CUDA kernel computes S on them (the tensor cores add e4m3 products with about 14 bits) and P·V
+  in fp16 (V widened exactly, P one fp16 term, 2^-11). The CPU reference computes in
   float32 and stays within one rounding of ``out`` to its dtype. ``out`` is in q's dtype, and
   bfloat16 for an e4m3 q (as vLLM's FP8 FlashMLA gives); ``lse`` is float32.
 """
