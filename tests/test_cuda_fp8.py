@@ -91,6 +91,12 @@ CASES = [
     ([513, 2048, 17, 1500], 1, 64, False),
     ([1] * 40, 1, 3, False),
     ([40000, 24000], 1, 64, False),   # long: S's accumulation error grows with the sequence
+    # at most 16 query rows: the kernel's narrow form (tokens and dims as the wgmma's rows), split
+    # and not, causal and not, NaN past the lengths within a page
+    ([4097], 1, 16, False),
+    ([4097, 33, 20000], 2, 8, True),
+    ([300] * 5, 1, 13, True),
+    ([20000, 3, 64, 65], 1, 16, False),
     # 1- and 2-token sequences, many rows: lse is one score (or two), so any error in a score or
     # a row scale shows undamped (the bench's check failed here when its CUDA reference rounded
     # the row scales differently: docs/kernel.md).

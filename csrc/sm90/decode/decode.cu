@@ -68,6 +68,18 @@ void launch_typed(const Params& p, cudaStream_t stream) {
   sm90::decode_kernel<T><<<grid, sm90::kThreads, sm90::kSmemAlloc, stream>>>(tmap_q, tmap_kv, p);
 }
 
+template <typename T, int kN>
+void launch_fp8_kernel(const Params& p, cudaStream_t stream, const CUtensorMap& tmap_q, const CUtensorMap& tmap_kv) {
+  static std::atomic<uint64_t> smem_set{0};
+  opt_in_dynamic_smem(reinterpret_cast<const void*>(&sm90::fp8::decode_kernel<T, kN>), sm90::fp8::Smem<(kN < 64)>::kAlloc, smem_set,
+                      "mla.decode");
+  const dim3 grid((p.rows + kTileRows - 1) / kTileRows, p.num_parts);
+  // After the kernel that quantized q: its programmatic dependent, so that this kernel's start and
+  // its first pages' loads overlap that kernel (the score warpgroup waits before Q).
+  launch_kernel(sm90::fp8::decode_kernel<T, kN>, grid, dim3(sm90::kThreads), sm90::fp8::Smem<(kN < 64)>::kAlloc, stream,
+                p.q_quantized, tmap_q, tmap_kv, p);
+}
+
 // The e4m3 kernel: the same views in bytes, 64 columns (64 bytes) a chunk, 64B swizzle; a page
 // lands in one box (the kernel refills it whole).
 template <typename T>
@@ -86,14 +98,11 @@ void launch_fp8(const Params& p, cudaStream_t stream) {
   const CUtensorMap tmap_kv =
       make_map(p.kv_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, CU_TENSOR_MAP_SWIZZLE_64B, 4, kv_dims, kv_strides, box);
 
-  static std::atomic<uint64_t> smem_set{0};
-  opt_in_dynamic_smem(reinterpret_cast<const void*>(&sm90::fp8::decode_kernel<T>), sm90::fp8::kSmemAlloc, smem_set,
-                      "mla.decode");
-  const dim3 grid((p.rows + kTileRows - 1) / kTileRows, p.num_parts);
-  // After the kernel that quantized q: its programmatic dependent, so that this kernel's start and
-  // its first pages' loads overlap that kernel (the score warpgroup waits before Q).
-  launch_kernel(sm90::fp8::decode_kernel<T>, grid, dim3(sm90::kThreads), sm90::fp8::kSmemAlloc, stream, p.q_quantized,
-                tmap_q, tmap_kv, p);
+  // At most 16 query rows: the narrow form of the kernel (tokens and dims as the wgmma's rows).
+  if (p.rows <= 16)
+    launch_fp8_kernel<T, 16>(p, stream, tmap_q, tmap_kv);
+  else
+    launch_fp8_kernel<T, 64>(p, stream, tmap_q, tmap_kv);
 }
 
 }  // namespace

@@ -165,6 +165,15 @@ __device__ __forceinline__ void mask_and_row_max(float (&s)[32], int page, int c
   }
 }
 
+// The lse (natural log; -inf: no token) of query row `row` of sequence b into lse ([b, h_q, s_q]:
+// +inf for a row with no token), or into lse_accum at workspace slot `slot` (>= 0: the sequence is split).
+__device__ __forceinline__ void store_lse(const Params& p, float lse, int slot, int b, int row) {
+  if (slot < 0)
+    p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] = lse == -INFINITY ? INFINITY : lse;
+  else
+    p.lse_accum[static_cast<int64_t>(slot) * p.rows + row] = lse;
+}
+
 // The score warpgroup at a sequence's last page, rows row0 + r0 and + 8 (r0: this thread's first
 // row in the tile; a quad of lanes holds a row): the row sums l (of probabilities exp2(s - m)
 // times 2^m_shift) over the quad, each row's lse (natural log) into lse, or into lse_accum at
@@ -183,12 +192,7 @@ __device__ __forceinline__ void finish_rows(const Params& p, const float (&l)[2]
     if (lane % 4 == 0) {
       inv_l[r0 + 8 * h] = total > 0.f ? numer / total : 0.f;
       if (tid == 0 && h == 0) *slot_out = slot;
-      if (row < p.rows) {
-        if (slot < 0)
-          p.lse[static_cast<int64_t>(b) * p.rows + (row % p.h_q) * p.s_q + row / p.h_q] = lse == -INFINITY ? INFINITY : lse;
-        else
-          p.lse_accum[static_cast<int64_t>(slot) * p.rows + row] = lse;
-      }
+      if (row < p.rows) store_lse(p, lse, slot, b, row);
     }
   }
 }

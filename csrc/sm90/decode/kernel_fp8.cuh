@@ -18,6 +18,8 @@
 //       One fp16 V buffer (two do not fit), refilled in halves while the tensor cores work:
 //       rows 32-63 of page i while P.V's first two k-steps of page i run, rows 0-31 of page i+1
 //       once those are done, while the last two run.
+// For at most 16 query rows the kernel takes a narrow form (Narrow below): the same pipeline with
+// the products transposed, so that the tensor cores do not compute 64 rows for 16 or 32.
 // Pages land whole (one TMA box: 64 rows x 9 chunks of 64 bytes, 64B swizzle) in three stages; a
 // stage is refilled once S and both widenings are done with it. P has two buffers.
 //
@@ -38,7 +40,6 @@ namespace mla::sm90::fp8 {
 
 constexpr int kChunkBytes = 64 * 64;                // 64 rows x 64 e4m3 (one 64B swizzle row each)
 constexpr int kPageBytes = kChunks * kChunkBytes;   // 36 KB: a page, or a Q tile
-constexpr int kStages = 3;                          // pages in flight
 constexpr int kV16Bytes = kHeadDimV * 64 * 2;       // V in fp16: 64 tokens x 512 dims
 constexpr int kPBytes = 64 * 64 * 2;                // P in fp16: 64 rows x 64 tokens
 constexpr int kKSteps = kHeadDim / 32;              // 18
@@ -48,19 +49,28 @@ constexpr float kPScaleLog2 = 6.f;                  // P is stored as fp16 2^6 p
 // not fit, 16 spill) and the softmax's state; the value warpgroups hold O (128) and a widening in
 // flight. 136 + 2 * 184 = 504 = 3 * 168 (no spill).
 constexpr int kRegsScore = 136, kRegsValue = 184;
+// The narrow form: WG0 holds no Q but a state per column; the value warpgroups hold O^T (2 kN) and
+// a page of V^T (64). 152 + 2 * 176 = 504 (no spill).
+constexpr int kRegsScoreNarrow = 152, kRegsValueNarrow = 176;
 constexpr int kQRegSteps = 14;  // k-steps of S with Q from registers (RS); the rest read Q from shared memory (SS)
 
-constexpr int kSmemQ = 0;
-constexpr int kSmemKV = kSmemQ + kPageBytes;                // kStages pages
-constexpr int kSmemV16 = kSmemKV + kStages * kPageBytes;    // V in fp16 (each value warpgroup its half)
-constexpr int kSmemP = kSmemV16 + kV16Bytes;                // 2 x P
-constexpr int kSmemScale = kSmemP + 2 * kPBytes;            // float [2][64]: O rescale factor of the page
-constexpr int kSmemInvL = kSmemScale + 2 * 64 * 4;          // float [2][64]: descale_k / row sum (last page)
-constexpr int kSmemSlot = kSmemInvL + 2 * 64 * 4;           // int [2]: workspace slot of the split (-1: out)
-constexpr int kSmemBar = kSmemSlot + 64;                    // full[3], free[3], p_full[2], p_full2[2], p_empty[2], q
-constexpr int kSmemUsed = kSmemBar + (2 * kStages + 6 + 1) * 8;
-constexpr int kSmemAlloc = kSmemUsed + 1024;
-static_assert(kSmemAlloc <= 227 * 1024, "shared memory budget");
+// Shared memory (offsets from a 1024-byte aligned base). The narrow form has no fp16 V buffer (its
+// value warpgroups convert V into registers), so a fourth stage fits.
+template <bool kNarrow>
+struct Smem {
+  static constexpr int kStages = kNarrow ? 4 : 3;                 // pages in flight
+  static constexpr int kQ = 0;
+  static constexpr int kKV = kQ + kPageBytes;                     // kStages pages
+  static constexpr int kV16 = kKV + kStages * kPageBytes;         // V in fp16 (each value warpgroup its half)
+  static constexpr int kP = kV16 + (kNarrow ? 0 : kV16Bytes);     // 2 x P
+  static constexpr int kScale = kP + 2 * kPBytes;                 // float [2][64]: O rescale factor of the page
+  static constexpr int kInvL = kScale + 2 * 64 * 4;               // float [2][64]: descale_k / row sum (last page)
+  static constexpr int kSlot = kInvL + 2 * 64 * 4;                // int [2]: workspace slot of the split (-1: out)
+  static constexpr int kBar = kSlot + 64;                         // full[], free[], p_full[2], p_full2[2], p_empty[2], q
+  static constexpr int kUsed = kBar + (2 * kStages + 6 + 1) * 8;
+  static constexpr int kAlloc = kUsed + 1024;
+  static_assert(kAlloc <= 227 * 1024, "shared memory budget");
+};
 
 // K-major operand in 64-byte swizzled rows: 8-row groups 512 bytes apart.
 __device__ __forceinline__ uint64_t desc_sw64(uint32_t addr) { return make_desc(addr, 16, 512, 2); }
@@ -72,25 +82,154 @@ using QKs = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;  // Q from share
 // a row XOR bits 1-2 of the row), as TMA writes it.
 __device__ __forceinline__ int sw64(int row, int col) { return row * 64 + ((((col >> 4) ^ (row >> 1)) & 3) << 4) + (col & 15); }
 
-template <class Atom, size_t... I>
-__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[32], bool accumulate,
+template <class Atom, int N, size_t... I>
+__device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, float (&d)[N], bool accumulate,
                                         std::index_sequence<I...>) {
   Atom::fma(a[0], a[1], a[2], a[3], db, d[I]..., accumulate ? cute::SM90::GMMA::ScaleOut::One : cute::SM90::GMMA::ScaleOut::Zero);
 }
 using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 
-// T: the output dtype (bf16 or fp16).
-template <typename T>
+// The narrow form, for tiles of kN = 16 query rows: the 64 rows of a wgmma are the page's tokens
+// or dims, not query rows, so that the tensor cores do kN / 64 of the 64-row form's work:
+//   S^T = K8 . Q8^T  (m64 x kN x k32 e4m3: A the page, B the Q tile's first kN rows, both K-major)
+//   O^T += V^T . P^T (m64 x kN x k16 f16, 4 tiles of 64 dims a value warpgroup: A from registers,
+//                     V^T converted from the page's e4m3, B P's first kN rows K-major, the 64-row
+//                     form's P layout). No fp16 V buffer: the page is free once converted.
+// A thread holds tokens r0, r0 + 8 (S^T) or dims (O^T) of columns 8 j + col_base + {0, 1}, the
+// query rows: its column h (of kN / 4) is col_of(h). A column's max over the page is a
+// reduction over the warpgroup (shuffles, then the 4 warps through shared memory: rows 32-63 of
+// the page's P buffer, which the narrow form leaves unused); its sum stays a partial per thread
+// until the sequence's last page.
+// (kN = 32, h_q * s_q of 17-32, was slower than the 64-row form: docs/kernel.md.)
+template <int kN>
+struct Narrow {
+  static_assert(kN == 16, "the narrow form's width");
+  using QK = cute::SM90::GMMA::MMA_64x16x32_F32E4M3E4M3_SS_TN<>;
+  using PV = cute::SM90::GMMA::MMA_64x16x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+};
+__device__ __forceinline__ int col_of(int h, int col_base) { return 8 * (h / 2) + col_base + h % 2; }
+constexpr int kScratch = 32 * 128;  // byte offset of the narrow form's reduction scratch in a P buffer
+
+// rescale_rows (kernel.cuh) for the narrow form: O^T's columns col_of(h) times their factors.
+template <int kN>
+__device__ __forceinline__ void rescale_cols(float (&o)[4][kN / 2], const float* col_scale, int col_base) {
+  float sc[kN / 4];
+  bool any = false;
+#pragma unroll
+  for (int h = 0; h < kN / 4; ++h) {
+    sc[h] = col_scale[col_of(h, col_base)];
+    any |= sc[h] != 1.f;
+  }
+  if (__any_sync(0xffffffff, any)) {
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int i = 0; i < kN / 2; ++i) o[t][i] *= sc[2 * (i / 4) + i % 2];
+  }
+}
+
+// store_rows (kernel.cuh) for the narrow form: this thread's 8 adjacent dims d0 .. d0 + 7 of O^T
+// (element i of tile t: dim d0 + 2 t + (i / 2) % 2) for each of its columns h (query row row0 +
+// col_of(h), i = 4 (h / 2) + 2 (dim % 2) + h % 2), times inv[h]: one 16-byte store (or two, fp32).
+template <typename T, int kN>
+__device__ __forceinline__ void store_cols(const Params& p, const float (&o)[4][kN / 2], const float (&inv)[kN / 4],
+                                           int slot, int b, int row0, int d0, int col_base) {
+#pragma unroll
+  for (int h = 0; h < kN / 4; ++h) {
+    const int row = row0 + col_of(h, col_base);
+    if (row >= p.rows) continue;
+    float x[8];
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) x[2 * t + hh] = o[t][4 * (h / 2) + 2 * hh + h % 2] * inv[h];
+    if (slot < 0) {
+      T* dst = static_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.rows + row) * kHeadDimV + d0;
+      *reinterpret_cast<uint4*>(dst) = make_uint4(pack2<T>(x[0], x[1]), pack2<T>(x[2], x[3]), pack2<T>(x[4], x[5]),
+                                                  pack2<T>(x[6], x[7]));
+    } else {
+      float* dst = p.out_accum + (static_cast<int64_t>(slot) * p.rows + row) * kHeadDimV + d0;
+      *reinterpret_cast<float4*>(dst) = make_float4(x[0], x[1], x[2], x[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(x[4], x[5], x[6], x[7]);
+    }
+  }
+}
+
+// V^T's A fragments of one page for a value warpgroup's thread in the narrow form: a[kk][t] for
+// k-step kk (tokens 16 kk ..) and tile t. The thread's rows r0, r0 + 8 of tile t are its dims
+// 2 t, 2 t + 1 of 8 adjacent ones (byte 8 (lane / 4) of chunk `chunk`), so that one 8-byte read
+// of a token's row serves all four tiles; its tokens are 16 kk + 2 (lane % 4) + {0, 1} (+ 8 for
+// a[2], a[3]). A byte permute pairs two tokens' bytes of one dim; e4m3 -> fp16 is exact. Odd
+// quads read their two rows in the other order, so that each read's rows fall on both halves of
+// the banks. Tokens at or past `valid` read as zeros (their P is 0, and the cache may hold NaN).
+__device__ __forceinline__ void load_vt(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane) {
+  const int q4 = lane / 4, c = lane % 4;
+  const bool odd = c & 1;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int t0 = 16 * kk + 2 * c + 8 * hi;
+      const int ta = t0 + (odd ? 1 : 0), tb = t0 + (odd ? 0 : 1);
+      uint2 xa, xb;
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(xa.x), "=r"(xa.y) : "r"(chunk + sw64(ta, 8 * q4)));
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(xb.x), "=r"(xb.y) : "r"(chunk + sw64(tb, 8 * q4)));
+      if (ta >= valid) xa = make_uint2(0u, 0u);
+      if (tb >= valid) xb = make_uint2(0u, 0u);
+      const uint2 x0 = odd ? xb : xa, x1 = odd ? xa : xb;  // tokens t0, t0 + 1
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const uint32_t pr = __byte_perm(t < 2 ? x0.x : x0.y, t < 2 ? x1.x : x1.y, t % 2 ? 0x7362 : 0x5140);
+        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pr & 0xffff), __NV_E4M3);
+        const __half2_raw hi2 = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pr >> 16), __NV_E4M3);
+        a[kk][t][2 * hi] = static_cast<uint32_t>(lo.y) << 16 | lo.x;        // row r0: dim 2 t
+        a[kk][t][2 * hi + 1] = static_cast<uint32_t>(hi2.y) << 16 | hi2.x;  // row r0 + 8: dim 2 t + 1
+      }
+    }
+}
+
+// finish_rows (kernel.cuh) for the narrow form: the column sums over the warpgroup (red: [4][kN]
+// floats of scratch), then each column's lse and numer / sum from the lanes 0-3 of warp 0, which
+// hold every column between them.
+template <int kN>
+__device__ __forceinline__ void finish_cols(const Params& p, float (&l)[kN / 4], const float (&m)[kN / 4], float m_shift,
+                                            float numer, float* red, float* inv_l, int* slot_out, int slot, int b,
+                                            int row0, int col_base, int warp, int lane, int tid) {
+#pragma unroll
+  for (int h = 0; h < kN / 4; ++h) {
+    for (int x = 4; x < 32; x *= 2) l[h] += __shfl_xor_sync(0xffffffff, l[h], x);
+    if (lane < 4) red[warp * kN + col_of(h, col_base)] = l[h];
+  }
+  named_barrier(1, 128);
+  if (warp == 0 && lane < 4) {
+#pragma unroll
+    for (int h = 0; h < kN / 4; ++h) {
+      const int c = col_of(h, col_base);
+      const float total = (red[c] + red[kN + c]) + (red[2 * kN + c] + red[3 * kN + c]);
+      const float lse = total > 0.f ? (m[h] - m_shift + log2f(total)) * 0.69314718055994531f : -INFINITY;
+      inv_l[c] = total > 0.f ? numer / total : 0.f;
+      if (row0 + c < p.rows) store_lse(p, lse, slot, b, row0 + c);
+    }
+    if (tid == 0) *slot_out = slot;
+  }
+}
+
+// T: the output dtype (bf16 or fp16); kN: 64 (query rows are the wgmma's M) or 16 (the narrow form
+// above, for at most 16 query rows).
+template <typename T, int kN>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t s_base = smem_addr(smem);
-  const uint32_t s_kv = s_base + kSmemKV, s_q = s_base + kSmemQ;
-  float* scale_s = reinterpret_cast<float*>(smem + kSmemScale);
-  float* inv_l_s = reinterpret_cast<float*>(smem + kSmemInvL);
-  int* slot_s = reinterpret_cast<int*>(smem + kSmemSlot);
-  const uint32_t bar_full = s_base + kSmemBar;          // + 8 * stage: the page has landed (TMA)
+  constexpr bool kNarrow = kN < 64;
+  using L = Smem<kNarrow>;
+  constexpr int kStages = L::kStages;
+  const uint32_t s_kv = s_base + L::kKV, s_q = s_base + L::kQ;
+  float* scale_s = reinterpret_cast<float*>(smem + L::kScale);
+  float* inv_l_s = reinterpret_cast<float*>(smem + L::kInvL);
+  int* slot_s = reinterpret_cast<int*>(smem + L::kSlot);
+  const uint32_t bar_full = s_base + L::kBar;          // + 8 * stage: the page has landed (TMA)
   const uint32_t bar_free = bar_full + 8 * kStages;     // S and both widenings are done with it (384)
   const uint32_t bar_pfull = bar_free + 8 * kStages;    // + 8 * buffer: P's tokens 0-31 and the row factors written (128)
   const uint32_t bar_pfull2 = bar_pfull + 8 * 2;        // P's tokens 32-63 written (128)
@@ -98,6 +237,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bar_q = bar_pempty + 8 * 2;            // the Q tile has landed (TMA)
 
   asm volatile("griddepcontrol.launch_dependents;");
+  static_assert(kN == 16 || kN == 64, "tile widths");
+  constexpr int kH = kNarrow ? kN / 4 : 2;  // query rows (columns, narrow) of a thread
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   namespace tl = timeline;  // (event clocks of a measuring build only, as in the bf16 kernel)
   if (tid == 128) tl::start();
@@ -134,13 +275,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     // ============================ score warpgroup
-    reg_dealloc<kRegsScore>();
+    reg_dealloc<kNarrow ? kRegsScoreNarrow : kRegsScore>();
     if (p.q_quantized) asm volatile("griddepcontrol.wait;" ::: "memory");  // q8 and its scales are written
-    float m[2], l[2], rs[2];  // running max (log2), row sums, score scale
-    int limit[2], seqlen = 0;
+    // this thread's query rows: r0 + 8 h of the tile, or (narrow) columns col_of(h)
+    const auto row_of = [&](int h) { return m_tile * 64 + (kNarrow ? col_of(h, col_base) : r0 + 8 * h); };
+    float m[kH], l[kH], rs[kH];  // running max (log2), row sums (narrow: this thread's part), score scale
+    int limit[kH], min_limit = 0, seqlen = 0;
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
-    uint32_t qa[kQRegSteps][4];  // this thread's A fragments of the Q tile, one set a k-step
+    uint32_t qa[kNarrow ? 1 : kQRegSteps][4];  // this thread's A fragments of the Q tile, one set a k-step
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
       const int b = cur.b, page = cur.page;
@@ -150,17 +293,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         seqlen = p.cache_seqlens[b];
         split_base = p.num_splits[b];
         n_splits = p.num_splits[b + 1] - split_base;
-        const int row0 = m_tile * 64 + r0;
         named_barrier(3, 128);  // every warp's S of the previous sequence has read Q
         if (tid == 0) {
           mbar_expect_tx(bar_q, kPageBytes);
           tma_load_4d(s_q, &tmap_q, bar_q, 0, m_tile * 64, 0, b);
         }
+        min_limit = seqlen;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row0 + 8 * h;
+        for (int h = 0; h < kH; ++h) {
+          const int row = row_of(h);
           const int sq = row / p.h_q;
           limit[h] = (p.causal && sq < p.s_q) ? seqlen - p.s_q + sq + 1 : seqlen;
+          min_limit = min(min_limit, limit[h]);
           const float qs = row < p.rows ? p.q_scale[b * p.q_scale_batch_stride + row * p.q_scale_row_stride] : 1.f;
           rs[h] = p.scale_log2 * qs * descale_k;
           m[h] = -INFINITY;
@@ -168,29 +312,34 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         mbar_wait(bar_q, q_phase);
         q_phase ^= 1;
-        // The wgmma m64k32 8-bit A layout: rows r0, r0 + 8; bytes 4 (lane % 4) .. + 3, and + 16,
-        // of the k-step's 32 (chunk k / 2, its bytes 32 (k % 2) ..), read from the swizzled tile.
+        if constexpr (!kNarrow) {
+          // The wgmma m64k32 8-bit A layout: rows r0, r0 + 8; bytes 4 (lane % 4) .. + 3, and + 16,
+          // of the k-step's 32 (chunk k / 2, its bytes 32 (k % 2) ..), read from the swizzled tile.
 #pragma unroll
-        for (int k = 0; k < kQRegSteps; ++k)
+          for (int k = 0; k < kQRegSteps; ++k)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            qa[k][e] = *reinterpret_cast<const uint32_t*>(
-                smem + kSmemQ + (k / 2) * kChunkBytes + sw64(r0 + 8 * (e % 2), 32 * (k % 2) + 4 * (lane % 4) + 16 * (e / 2)));
+            for (int e = 0; e < 4; ++e)
+              qa[k][e] = *reinterpret_cast<const uint32_t*>(
+                  smem + L::kQ + (k / 2) * kChunkBytes + sw64(r0 + 8 * (e % 2), 32 * (k % 2) + 4 * (lane % 4) + 16 * (e / 2)));
+        }
       }
 
-      // ---- S = Q K^T (64 rows x 64 tokens), e4m3 x e4m3 -> fp32
+      // ---- S = Q K^T (64 rows x 64 tokens), or S^T = K Q^T (64 tokens x kN), e4m3 x e4m3 -> fp32
       const int stage = g % kStages, pb = g % 2;
       const uint32_t s_stage = s_kv + stage * kPageBytes;
       if (tid == 0) tl::page(g, tl::kScoreWaitFull);
       mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
       if (tid == 0) tl::page(g, tl::kScoreIssue);
-      float s[32];
+      constexpr int kS = kNarrow ? kN / 2 : 32;
+      float s[kS];
       const auto desc = [](uint32_t a) { return desc_sw64(a); };
       wgmma_fence();
 #pragma unroll
       for (int k = 0; k < kKSteps; ++k) {
         const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
-        if (k < kQRegSteps)
+        if constexpr (kNarrow)
+          gmma_ss<typename Narrow<kN>::QK>(desc(s_stage + koff), desc(s_q + koff), s, k > 0, std::make_index_sequence<kS>{});
+        else if (k < kQRegSteps)
           gmma_rs<QKr>(qa[k], desc(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
         else
           gmma_ss<QKs>(desc(s_q + koff), desc(s_stage + koff), s, true, std::make_index_sequence<32>{});
@@ -202,11 +351,38 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
 
       // ---- online softmax (log2 domain), as in the bf16 kernel, with a scale per row
-      float mx[2];
-      mask_and_row_max(s, page, col_base, limit, mx);
-      float sc[2], m_use[2];
+      uint8_t* p_smem = smem + L::kP + pb * kPBytes;
+      float mx[kH];
+      if constexpr (kNarrow) {
+        // s[4 j + e]: token r0 + 8 (e / 2) of column h = 2 j + e % 2
+        const int tok0 = page * kPageSize + r0;
+        const bool masked = (page + 1) * kPageSize > min_limit;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < kH; ++h) mx[h] = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < kS; ++i) {
+          const int h = 2 * (i / 4) + i % 2;
+          if (masked && tok0 + 8 * ((i / 2) % 2) >= limit[h]) s[i] = -INFINITY;
+          mx[h] = fmaxf(mx[h], s[i]);
+        }
+        float* red = reinterpret_cast<float*>(p_smem + kScratch);  // [4 warps][kN]
+#pragma unroll
+        for (int h = 0; h < kH; ++h) {
+          for (int x = 4; x < 32; x *= 2) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], x));
+          if (lane < 4) red[warp * kN + col_of(h, col_base)] = mx[h];
+        }
+        named_barrier(1, 128);
+#pragma unroll
+        for (int h = 0; h < kH; ++h) {
+          const int c = col_of(h, col_base);
+          mx[h] = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
+        }
+      } else {
+        mask_and_row_max(s, page, col_base, limit, mx);
+      }
+      float sc[kH], m_use[kH];
+#pragma unroll
+      for (int h = 0; h < kH; ++h) {
         const float page_max = mx[h] * rs[h];
         const float m_new = page_max > m[h] + kMaxSlack ? page_max : m[h];
         const float m_safe = m_new == -INFINITY ? 0.f : m_new;
@@ -217,21 +393,39 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       // ---- P (times 2^6, fp16) into the P buffer, once P.V of the page two back is done with it
       if (g >= 2) mbar_wait(bar_pempty + 8 * pb, ((g / 2) + 1) & 1);
-      // In two halves, as the bf16 kernel publishes P: tokens 0-31 with the row
-      // factors on p_full, so that P.V's first two k-steps start while tokens 32-63 are computed.
-      uint8_t* p_smem = smem + kSmemP + pb * kPBytes;
-      auto p_half = [&](int half) { write_p_half<__half>(p_smem, s, rs, m_use, l, half, r0, col_base); };
-      p_half(0);
-      if (lane % 4 == 0) {
-        scale_s[pb * 64 + r0] = sc[0];
-        scale_s[pb * 64 + r0 + 8] = sc[1];
+      const int slot = n_splits == 1 ? -1 : split_base + (b == st.begin_b ? begin_split : 0);
+      if constexpr (kNarrow) {
+        // P^T's token r0 + 8 (e / 2) of column h is P's (row col_of(h), that token): 2-byte stores
+#pragma unroll
+        for (int i = 0; i < kS; ++i) {
+          const int h = 2 * (i / 4) + i % 2;
+          const float pr = exp2f(fmaf(s[i], rs[h], -m_use[h]));
+          l[h] += pr;
+          *reinterpret_cast<__half*>(p_smem + sw128(col_of(h, col_base), r0 + 8 * ((i / 2) % 2))) = __float2half_rn(pr);
+        }
+        if (warp == 0 && lane < 4) {
+#pragma unroll
+          for (int h = 0; h < kH; ++h) scale_s[pb * 64 + col_of(h, col_base)] = sc[h];
+        }
+        fence_proxy_async();
+        mbar_arrive(bar_pfull + 8 * pb);
+        if (last) finish_cols<kN>(p, l, m, kPScaleLog2, descale_k, reinterpret_cast<float*>(p_smem + kScratch + 4 * kN * 4),
+                                  inv_l_s + pb * 64, slot_s + pb, slot, b, m_tile * 64, col_base, warp, lane, tid);
+      } else {
+        // In two halves, as the bf16 kernel publishes P: tokens 0-31 with the row
+        // factors on p_full, so that P.V's first two k-steps start while tokens 32-63 are computed.
+        auto p_half = [&](int half) { write_p_half<__half>(p_smem, s, rs, m_use, l, half, r0, col_base); };
+        p_half(0);
+        if (lane % 4 == 0) {
+          scale_s[pb * 64 + r0] = sc[0];
+          scale_s[pb * 64 + r0 + 8] = sc[1];
+        }
+        fence_proxy_async();
+        mbar_arrive(bar_pfull + 8 * pb);
+        p_half(1);
+        if (last)  // (O carries descale_k, V's scale, and 2^kPScaleLog2, P's, as the row sums do)
+          finish_rows(p, l, m, kPScaleLog2, descale_k, inv_l_s + pb * 64, slot_s + pb, slot, b, m_tile * 64, r0, lane, tid);
       }
-      fence_proxy_async();
-      mbar_arrive(bar_pfull + 8 * pb);
-      p_half(1);
-      if (last)  // (O carries descale_k, V's scale, and 2^kPScaleLog2, P's, as the row sums do)
-        finish_rows(p, l, m, kPScaleLog2, descale_k, inv_l_s + pb * 64, slot_s + pb,
-                    n_splits == 1 ? -1 : split_base + (b == st.begin_b ? begin_split : 0), b, m_tile * 64, r0, lane, tid);
       fence_proxy_async();  // P, written by threads, is read by wgmma next
       mbar_arrive(bar_pfull2 + 8 * pb);
       if (tid == 0) tl::page(g, tl::kPReady);
@@ -239,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ============================ value warpgroups: V of their 256 dims widened to fp16, O += P V
-    reg_alloc<kRegsValue>();
+    reg_alloc<kNarrow ? kRegsValueNarrow : kRegsValue>();
     const int v = wg - 1;
     const bool producer = tid == 128;
     Cursor ld = cur;
@@ -263,110 +457,171 @@ __global__ void __launch_bounds__(kThreads, 1)
       tl::loads_issued();
     }
 
-    // The widening: this thread moves row t (lane, then 32 + lane) of chunk 4 v + warp: 4 reads of
-    // 16 e4m3 (64B swizzle), 32 conversions (exact), 8 writes of 8 fp16 into the warpgroup's half
-    // of the fp16 V (chunk warp: 64 rows x 128 B, 128B swizzle: the bf16 kernel's V layout). A read
-    // or write phase of 8 lanes covers all 32 banks. Rows past the sequence become zeros.
-    Cursor wc = cur;  // the page the next widen reads
-    int w_seq = -1, w_len = 0, w_valid = kPageSize;
-    const uint32_t v16 = s_base + kSmemV16 + v * (kV16Bytes / 2) + warp * 8192;
-    auto widen = [&](int gi, int part) {  // part 0: rows 0-31, part 1: rows 32-63
-      const int stage = gi % kStages;
-      if (part == 0) {
-        mbar_wait(bar_full + 8 * stage, (gi / kStages) & 1);
-        if (wc.b != w_seq) {
-          w_seq = wc.b;
-          w_len = p.cache_seqlens[wc.b];
+    int g = 0;
+    if constexpr (kNarrow) {
+      // O^T: 4 tiles of 64 dims x kN. This thread's dims are d0 .. d0 + 7 of the 512 (load_vt).
+      constexpr int kPer = kN / 2;
+      const int d0 = v * 256 + 64 * warp + 8 * (lane / 4);
+      float o[4][kPer];
+#pragma unroll
+      for (int t = 0; t < 4; ++t)
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) o[t][i] = 0.f;
+      int v_seq = -1, v_len = 0;
+#pragma unroll 1
+      for (; cur.b <= st.end_b; ++g) {
+        const int b = cur.b, page = cur.page;
+        const bool last = page + 1 == cur.hi;
+        const int pb = g % 2, stage = g % kStages;
+        if (b != v_seq) {
+          v_seq = b;
+          v_len = p.cache_seqlens[b];
         }
-        w_valid = w_len - wc.page * kPageSize;
-      }
-      const int t = 32 * part + lane;
-      const uint32_t src = s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes + t * 64;
-      const uint32_t dst = v16 + t * 128;
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        uint32_t x[4];
-        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
-                     : "r"(src + (((u ^ (t >> 1)) & 3) << 4)));
-        uint32_t y[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x[i] & 0xffff), __NV_E4M3);
-          const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x[i] >> 16), __NV_E4M3);
-          y[2 * i] = t < w_valid ? (static_cast<uint32_t>(lo.y) << 16 | lo.x) : 0u;
-          y[2 * i + 1] = t < w_valid ? (static_cast<uint32_t>(hi.y) << 16 | hi.x) : 0u;
-        }
-#pragma unroll
-        for (int k = 0; k < 2; ++k)
-          asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + (((2 * u + k) ^ (t & 7)) << 4)),
-                       "r"(y[4 * k]), "r"(y[4 * k + 1]), "r"(y[4 * k + 2]), "r"(y[4 * k + 3])
-                       : "memory");
-      }
-      fence_proxy_async();  // the fp16 V, written by threads, is read by wgmma
-      if (part == 1) {
+        mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+        uint32_t a[4][4][4];
+        load_vt(a, s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes, v_len - page * kPageSize, lane);
         mbar_arrive(bar_free + 8 * stage);  // this thread's reads of the page are done
-        if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both widenings are done with it
-          mbar_wait(bar_free + 8 * stage, (gi / kStages) & 1);
+        if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both conversions are done with it
+          mbar_wait(bar_free + 8 * stage, (g / kStages) & 1);
           issue(stage);
           ld_next();
-          tl::page(gi, tl::kRefillIssued);
+          tl::page(g, tl::kRefillIssued);
         }
         __syncwarp();
-        advance(wc, st, p.cache_seqlens);
-      }
-    };
-
-    float o[128];
+        mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
+        rescale_cols<kN>(o, scale_s + pb * 64, col_base);
+        wgmma_fence();
+        const uint32_t s_p = s_base + L::kP + pb * kPBytes;
 #pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] = 0.f;
-    widen(0, 0);
-    named_barrier(4 + v, 128);  // the warpgroup's fp16 rows 0-31 of the first page are written
-    int g = 0;
-#pragma unroll 1
-    for (; cur.b <= st.end_b; ++g) {
-      const int b = cur.b;
-      const bool last = cur.page + 1 == cur.hi;
-      const int pb = g % 2;
-      mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
-      rescale_rows(o, scale_s + pb * 64, r0);
-      wgmma_fence();
-      const uint32_t s_p = s_base + kSmemP + pb * kPBytes;
-      const uint32_t s_v = s_base + kSmemV16 + v * (kV16Bytes / 2);
-      auto pv_step = [&](int kk) {  // tokens 16 kk .. 16 kk + 15
-        gmma_ss<PV>(desc_k_major(s_p + kk * 32), desc_mn_major(s_v + kk * 16 * 128), o, true,
-                    std::make_index_sequence<128>{});
-      };
-      pv_step(0);
-      pv_step(1);
-      wgmma_commit();
-      if (tid == 128) tl::page(g, tl::kValueIssue);
-      widen(g, 1);  // rows 32-63 of this page, while its tokens 0-31 run on the tensor cores
-      named_barrier(4 + v, 128);
-      mbar_wait(bar_pfull2 + 8 * pb, (g / 2) & 1);
-      wgmma_fence();  // (after a wait between two wgmma of a chain: else ptxas serialises them)
-      pv_step(2);
-      pv_step(3);
-      wgmma_commit();
-      const bool more = wc.b <= st.end_b;
-      wgmma_wait<1>();  // tokens 0-31 read: their fp16 rows take the next page's
-      named_barrier(4 + v, 128);
-      if (more) widen(g + 1, 0);
-      wgmma_wait<0>();
-      fence_regs(o);
-      if (tid == 128) tl::page(g, tl::kValueDone);
-      if (tid == 256) tl::page(g, tl::kValue2Done);
-      float inv[2] = {0.f, 0.f};
-      int slot = 0;
-      if (last) {
-        inv[0] = inv_l_s[pb * 64 + r0];
-        inv[1] = inv_l_s[pb * 64 + r0 + 8];
-        slot = slot_s[pb];
+        for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+          for (int t = 0; t < 4; ++t)
+            gmma_rs<typename Narrow<kN>::PV>(a[kk][t], desc_k_major(s_p + kk * 32), o[t], true,
+                                             std::make_index_sequence<kPer>{});
+        wgmma_commit();
+        if (tid == 128) tl::page(g, tl::kValueIssue);
+        mbar_wait(bar_pfull2 + 8 * pb, (g / 2) & 1);  // (the last page's 1 / row sums)
+        wgmma_wait<0>();
+#pragma unroll
+        for (int t = 0; t < 4; ++t) fence_regs(o[t]);
+        if (tid == 128) tl::page(g, tl::kValueDone);
+        if (tid == 256) tl::page(g, tl::kValue2Done);
+        float inv[kH];
+        int slot = 0;
+        if (last) {
+#pragma unroll
+          for (int h = 0; h < kH; ++h) inv[h] = inv_l_s[pb * 64 + col_of(h, col_base)];
+          slot = slot_s[pb];
+        }
+        mbar_arrive(bar_pempty + 8 * pb);
+        if (last) store_cols<T, kN>(p, o, inv, slot, b, m_tile * 64, d0, col_base);
+        advance(cur, st, p.cache_seqlens);
       }
-      mbar_arrive(bar_pempty + 8 * pb);
-      if (last) store_rows<T>(p, o, inv, slot, b, m_tile * 64 + r0, v, lane);
-      named_barrier(4 + v, 128);  // the warpgroup's fp16 V of the next page is written
-      advance(cur, st, p.cache_seqlens);
+    } else {
+      // The widening: this thread moves row t (lane, then 32 + lane) of chunk 4 v + warp: 4 reads of
+      // 16 e4m3 (64B swizzle), 32 conversions (exact), 8 writes of 8 fp16 into the warpgroup's half
+      // of the fp16 V (chunk warp: 64 rows x 128 B, 128B swizzle: the bf16 kernel's V layout). A read
+      // or write phase of 8 lanes covers all 32 banks. Rows past the sequence become zeros.
+      Cursor wc = cur;  // the page the next widen reads
+      int w_seq = -1, w_len = 0, w_valid = kPageSize;
+      const uint32_t v16 = s_base + L::kV16 + v * (kV16Bytes / 2) + warp * 8192;
+      auto widen = [&](int gi, int part) {  // part 0: rows 0-31, part 1: rows 32-63
+        const int stage = gi % kStages;
+        if (part == 0) {
+          mbar_wait(bar_full + 8 * stage, (gi / kStages) & 1);
+          if (wc.b != w_seq) {
+            w_seq = wc.b;
+            w_len = p.cache_seqlens[wc.b];
+          }
+          w_valid = w_len - wc.page * kPageSize;
+        }
+        const int t = 32 * part + lane;
+        const uint32_t src = s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes + t * 64;
+        const uint32_t dst = v16 + t * 128;
+  #pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          uint32_t x[4];
+          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                       : "r"(src + (((u ^ (t >> 1)) & 3) << 4)));
+          uint32_t y[8];
+  #pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x[i] & 0xffff), __NV_E4M3);
+            const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x[i] >> 16), __NV_E4M3);
+            y[2 * i] = t < w_valid ? (static_cast<uint32_t>(lo.y) << 16 | lo.x) : 0u;
+            y[2 * i + 1] = t < w_valid ? (static_cast<uint32_t>(hi.y) << 16 | hi.x) : 0u;
+          }
+  #pragma unroll
+          for (int k = 0; k < 2; ++k)
+            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + (((2 * u + k) ^ (t & 7)) << 4)),
+                         "r"(y[4 * k]), "r"(y[4 * k + 1]), "r"(y[4 * k + 2]), "r"(y[4 * k + 3])
+                         : "memory");
+        }
+        fence_proxy_async();  // the fp16 V, written by threads, is read by wgmma
+        if (part == 1) {
+          mbar_arrive(bar_free + 8 * stage);  // this thread's reads of the page are done
+          if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both widenings are done with it
+            mbar_wait(bar_free + 8 * stage, (gi / kStages) & 1);
+            issue(stage);
+            ld_next();
+            tl::page(gi, tl::kRefillIssued);
+          }
+          __syncwarp();
+          advance(wc, st, p.cache_seqlens);
+        }
+      };
+
+      float o[128];
+  #pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] = 0.f;
+      widen(0, 0);
+      named_barrier(4 + v, 128);  // the warpgroup's fp16 rows 0-31 of the first page are written
+  #pragma unroll 1
+      for (; cur.b <= st.end_b; ++g) {
+        const int b = cur.b;
+        const bool last = cur.page + 1 == cur.hi;
+        const int pb = g % 2;
+        mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
+        rescale_rows(o, scale_s + pb * 64, r0);
+        wgmma_fence();
+        const uint32_t s_p = s_base + L::kP + pb * kPBytes;
+        const uint32_t s_v = s_base + L::kV16 + v * (kV16Bytes / 2);
+        auto pv_step = [&](int kk) {  // tokens 16 kk .. 16 kk + 15
+          gmma_ss<PV>(desc_k_major(s_p + kk * 32), desc_mn_major(s_v + kk * 16 * 128), o, true,
+                      std::make_index_sequence<128>{});
+        };
+        pv_step(0);
+        pv_step(1);
+        wgmma_commit();
+        if (tid == 128) tl::page(g, tl::kValueIssue);
+        widen(g, 1);  // rows 32-63 of this page, while its tokens 0-31 run on the tensor cores
+        named_barrier(4 + v, 128);
+        mbar_wait(bar_pfull2 + 8 * pb, (g / 2) & 1);
+        wgmma_fence();  // (after a wait between two wgmma of a chain: else ptxas serialises them)
+        pv_step(2);
+        pv_step(3);
+        wgmma_commit();
+        const bool more = wc.b <= st.end_b;
+        wgmma_wait<1>();  // tokens 0-31 read: their fp16 rows take the next page's
+        named_barrier(4 + v, 128);
+        if (more) widen(g + 1, 0);
+        wgmma_wait<0>();
+        fence_regs(o);
+        if (tid == 128) tl::page(g, tl::kValueDone);
+        if (tid == 256) tl::page(g, tl::kValue2Done);
+        float inv[2] = {0.f, 0.f};
+        int slot = 0;
+        if (last) {
+          inv[0] = inv_l_s[pb * 64 + r0];
+          inv[1] = inv_l_s[pb * 64 + r0 + 8];
+          slot = slot_s[pb];
+        }
+        mbar_arrive(bar_pempty + 8 * pb);
+        if (last) store_rows<T>(p, o, inv, slot, b, m_tile * 64 + r0, v, lane);
+        named_barrier(4 + v, 128);  // the warpgroup's fp16 V of the next page is written
+        advance(cur, st, p.cache_seqlens);
+      }
     }
     if (tid == 128) tl::end(g);
   }
