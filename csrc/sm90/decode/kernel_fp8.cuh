@@ -456,6 +456,18 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       tl::loads_issued();
     }
+    // This thread's reads of stage `stage` (the gi-th page) are done: the producer refills it with
+    // the next page once S and both value warpgroups are done with it.
+    auto release = [&](int stage, int gi) {
+      mbar_arrive(bar_free + 8 * stage);
+      if (producer && ld.b <= st.end_b) {
+        mbar_wait(bar_free + 8 * stage, (gi / kStages) & 1);
+        issue(stage);
+        ld_next();
+        tl::page(gi, tl::kRefillIssued);
+      }
+      __syncwarp();
+    };
 
     int g = 0;
     if constexpr (kNarrow) {
@@ -480,14 +492,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
         uint32_t a[4][4][4];
         load_vt(a, s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes, v_len - page * kPageSize, lane);
-        mbar_arrive(bar_free + 8 * stage);  // this thread's reads of the page are done
-        if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both conversions are done with it
-          mbar_wait(bar_free + 8 * stage, (g / kStages) & 1);
-          issue(stage);
-          ld_next();
-          tl::page(g, tl::kRefillIssued);
-        }
-        __syncwarp();
+        release(stage, g);
         mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
         rescale_cols<kN>(o, scale_s + pb * 64, col_base);
         wgmma_fence();
@@ -560,14 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         fence_proxy_async();  // the fp16 V, written by threads, is read by wgmma
         if (part == 1) {
-          mbar_arrive(bar_free + 8 * stage);  // this thread's reads of the page are done
-          if (producer && ld.b <= st.end_b) {  // the stage's next page, once S and both widenings are done with it
-            mbar_wait(bar_free + 8 * stage, (gi / kStages) & 1);
-            issue(stage);
-            ld_next();
-            tl::page(gi, tl::kRefillIssued);
-          }
-          __syncwarp();
+          release(stage, gi);
           advance(wc, st, p.cache_seqlens);
         }
       };
