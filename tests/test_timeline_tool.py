@@ -5,6 +5,7 @@ Each phase is the difference of its two named events, in µs by the CTA's own cl
 with too few pages and tiles past the shape's tile count take no part.
 """
 
+import argparse
 import importlib.util
 import pathlib
 
@@ -56,6 +57,20 @@ def test_the_fp8_kernels_refill_comes_back_three_pages_on():
     assert got["refill issued -> S of that page issued (3 stages)"] == pytest.approx(
         (3 * 2_000 + offsets[tl.S_ISSUE] - offsets[tl.REFILL]) / 1e3)
     assert tl.phases_for(fp8=False) == tl.PHASES
+
+
+def test_the_fp8_narrow_forms_refill_comes_back_four_pages_on():
+    offsets = [10 * (e + 1) for e in range(tl.EVENTS)]
+    assert (tl.fp8_stages(16), tl.fp8_stages(17), tl.fp8_stages(256)) == (4, 3, 3)
+    got = tl.analyse(synthetic(40, 2_000, offsets, 1.0), tiles=1, phases=tl.phases_for(True, tl.fp8_stages(16)))
+    assert got["summary_us"]["refill issued -> S of that page issued (4 stages)"] == pytest.approx(
+        (4 * 2_000 + offsets[tl.S_ISSUE] - offsets[tl.REFILL]) / 1e3)
+
+
+def test_a_bad_shape_is_one_line_not_a_traceback():
+    assert tl.shape_arg("128,1,8192,16") == (128, 1, 8192, 16)
+    with pytest.raises(argparse.ArgumentTypeError, match="B,S_Q,SEQLEN,H_Q"):
+        tl.shape_arg("128,1,8192")
 
 
 def test_unwritten_events_and_short_or_extra_ctas_take_no_part():

@@ -1,7 +1,7 @@
 """Where a page's time goes inside the decode kernel: per-page event clocks of a measuring build.
 
     TORCH_MLA_TIMELINE=1 python3 setup.py build_ext --inplace
-    python3 tools/lab/timeline.py [--json PATH] [--fp8]
+    python3 tools/lab/timeline.py [--json PATH] [--fp8] [--shape B,S_Q,SEQLEN,H_Q ...]
 
 The measuring build (csrc/sm90/decode/timeline.cuh) has one thread of each role write clock64()
 at fixed points of every page, for the CTAs of the first 4 query tiles x 8 stretches. For each
@@ -9,8 +9,9 @@ shape this runs one decode call and prints, in µs (medians over pages and CTAs,
 pages of a stretch left out): the period (from one S issue to the next), each phase, and the
 hand-offs between them. Clocks convert to time by the CTA's own globaltimer over its lifetime.
 --fp8: the FP8 kernel (a bf16 q over an e4m3 cache), whose stamps sit at the same points; its
-refill is issued by the producer once S and both widenings are done with the stage, and a stage
-comes back kStages = 3 pages later.
+refill is issued by the producer once S and both value warpgroups are done with the stage, and a
+stage comes back kStages pages later: 3 in the 64-row form, 4 in the narrow form (h_q * s_q <=
+16; kernel_fp8.cuh's Smem). --shape: these shapes instead of SHAPES.
 """
 
 from __future__ import annotations
@@ -78,13 +79,26 @@ def read(lib) -> torch.Tensor:
     return buf.view(PARTS, TILES, ROWS, EVENTS)
 
 
-def phases_for(fp8: bool) -> dict:
-    """PHASES, with the FP8 kernel's refill phase where fp8: its stage comes back 3 pages on."""
+def fp8_stages(rows: int) -> int:
+    """The FP8 kernel's stages for `rows` query rows (s_q * h_q): kernel_fp8.cuh's Smem."""
+    return 4 if rows <= 16 else 3
+
+
+def phases_for(fp8: bool, stages: int = 3) -> dict:
+    """PHASES, with the FP8 kernel's refill phase where fp8: its stage comes back `stages` pages on."""
     phases = dict(PHASES)
     if fp8:
         del phases["refill issued -> S of that page issued"]
-        phases["refill issued -> S of that page issued (3 stages)"] = (S_ISSUE, 3, REFILL)
+        phases[f"refill issued -> S of that page issued ({stages} stages)"] = (S_ISSUE, stages, REFILL)
     return phases
+
+
+def shape_arg(text: str) -> tuple:
+    try:
+        b, s_q, seqlen, h_q = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B,S_Q,SEQLEN,H_Q (four integers), got {text!r}") from None
+    return b, s_q, seqlen, h_q
 
 
 def analyse(tl: torch.Tensor, tiles: int, phases: dict = PHASES) -> dict:
@@ -116,13 +130,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write every CTA's events here")
     parser.add_argument("--fp8", action="store_true", help="the FP8 kernel: a bf16 q over an e4m3 cache")
+    parser.add_argument("--shape", type=shape_arg, action="append", metavar="B,S_Q,SEQLEN,H_Q",
+                        help="a shape to trace instead of the built-in ones (repeatable)")
     args = parser.parse_args()
-    phases = phases_for(args.fp8)
     lib = library()
     results = []
     import triton.testing
 
-    for (b, s_q, seqlen, h_q) in SHAPES:
+    for (b, s_q, seqlen, h_q) in args.shape or SHAPES:
+        phases = phases_for(args.fp8, fp8_stages(s_q * h_q))
         with torch.inference_mode():
             q, kv, bt, lens = random_inputs(b, s_q, h_q, seqlen, device="cuda", seed=1)
             md, ns = torch_mla.get_metadata(lens, s_q * h_q, 1)
