@@ -18,10 +18,11 @@
 //       One fp16 V buffer (two do not fit), refilled in halves while the tensor cores work:
 //       rows 32-63 of page i while P.V's first two k-steps of page i run, rows 0-31 of page i+1
 //       once those are done, while the last two run.
-// For at most 16 query rows the kernel takes a narrow form (Narrow below): the same pipeline with
-// the products transposed, so that the tensor cores do not compute 64 rows for 16 or 32.
 // Pages land whole (one TMA box: 64 rows x 9 chunks of 64 bytes, 64B swizzle) in three stages; a
 // stage is refilled once S and both widenings are done with it. P has two buffers.
+// For at most 16 query rows the kernel takes a narrow form (Narrow below): the same warpgroups
+// and barriers with both products transposed, so that the tensor cores do not compute 64 rows
+// for 16, and V^T converted into registers instead of the fp16 V buffer (so four stages).
 //
 // Numerics (ops.py states the bound): S's products are exact, but the e4m3 tensor cores add them
 // into the accumulator with about 14 bits, an error that grows with the k-steps of one chain (18
