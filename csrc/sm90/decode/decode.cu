@@ -70,14 +70,14 @@ void launch_typed(const Params& p, cudaStream_t stream) {
 
 template <typename T, int kN>
 void launch_fp8_kernel(const Params& p, cudaStream_t stream, const CUtensorMap& tmap_q, const CUtensorMap& tmap_kv) {
+  constexpr int kSmem = sm90::fp8::Smem<(kN < 64)>::kAlloc;
   static std::atomic<uint64_t> smem_set{0};
-  opt_in_dynamic_smem(reinterpret_cast<const void*>(&sm90::fp8::decode_kernel<T, kN>), sm90::fp8::Smem<(kN < 64)>::kAlloc, smem_set,
-                      "mla.decode");
+  opt_in_dynamic_smem(reinterpret_cast<const void*>(&sm90::fp8::decode_kernel<T, kN>), kSmem, smem_set, "mla.decode");
   const dim3 grid((p.rows + kTileRows - 1) / kTileRows, p.num_parts);
   // After the kernel that quantized q: its programmatic dependent, so that this kernel's start and
   // its first pages' loads overlap that kernel (the score warpgroup waits before Q).
-  launch_kernel(sm90::fp8::decode_kernel<T, kN>, grid, dim3(sm90::kThreads), sm90::fp8::Smem<(kN < 64)>::kAlloc, stream,
-                p.q_quantized, tmap_q, tmap_kv, p);
+  launch_kernel(sm90::fp8::decode_kernel<T, kN>, grid, dim3(sm90::kThreads), kSmem, stream, p.q_quantized, tmap_q,
+                tmap_kv, p);
 }
 
 // The e4m3 kernel: the same views in bytes, 64 columns (64 bytes) a chunk, 64B swizzle; a page

@@ -209,6 +209,14 @@ __device__ __forceinline__ void rescale_rows(float (&o)[128], const float* row_s
   }
 }
 
+// A value warpgroup at a sequence's last page: the factors WG0's finish_rows published for rows
+// r0 and r0 + 8 (inv_l) into inv, and the split's workspace slot (returned).
+__device__ __forceinline__ int last_page_factors(const float* inv_l, const int* slot, int r0, float (&inv)[2]) {
+  inv[0] = inv_l[r0];
+  inv[1] = inv_l[r0 + 8];
+  return *slot;
+}
+
 // row0 and row0 + 8 of O (the wgmma accumulator, times inv[h] = 1 / row sum) into out (T), or
 // as fp32 partials into workspace slot `slot` (>= 0) for the combine. Every lane must call it.
 template <typename T>
@@ -520,11 +528,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (refill) issue_part(stage, 1);
       float inv[2] = {0.f, 0.f};
       int slot = 0;
-      if (last) {
-        inv[0] = inv_l_s[stage * 64 + r0];
-        inv[1] = inv_l_s[stage * 64 + r0 + 8];
-        slot = slot_s[stage];
-      }
+      if (last) slot = last_page_factors(inv_l_s + stage * 64, slot_s + stage, r0, inv);
       mbar_arrive(bar_empty + 8 * stage);  // this thread's reads of the stage and its factors are done
       if (refill && v == 0) {  // both value warpgroups are done with the stage: its RoPE chunk
         mbar_wait(bar_empty + 8 * stage, (g / kStages) & 1);

@@ -223,6 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t s_base = smem_addr(smem);
+  static_assert(kN == 16 || kN == 64, "tile widths");
   constexpr bool kNarrow = kN < 64;
   using L = Smem<kNarrow>;
   constexpr int kStages = L::kStages;
@@ -231,14 +232,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* inv_l_s = reinterpret_cast<float*>(smem + L::kInvL);
   int* slot_s = reinterpret_cast<int*>(smem + L::kSlot);
   const uint32_t bar_full = s_base + L::kBar;          // + 8 * stage: the page has landed (TMA)
-  const uint32_t bar_free = bar_full + 8 * kStages;     // S and both widenings are done with it (384)
-  const uint32_t bar_pfull = bar_free + 8 * kStages;    // + 8 * buffer: P's tokens 0-31 and the row factors written (128)
-  const uint32_t bar_pfull2 = bar_pfull + 8 * 2;        // P's tokens 32-63 written (128)
+  const uint32_t bar_free = bar_full + 8 * kStages;     // S and both value warpgroups are done with it (384)
+  // + 8 * buffer: P's tokens 0-31 (narrow: all of P) and the row factors written (128)
+  const uint32_t bar_pfull = bar_free + 8 * kStages;
+  const uint32_t bar_pfull2 = bar_pfull + 8 * 2;        // P's tokens 32-63 (narrow: the last page's sums) written (128)
   const uint32_t bar_pempty = bar_pfull2 + 8 * 2;       // P.V done with the P buffer (256)
   const uint32_t bar_q = bar_pempty + 8 * 2;            // the Q tile has landed (TMA)
 
   asm volatile("griddepcontrol.launch_dependents;");
-  static_assert(kN == 16 || kN == 64, "tile widths");
   constexpr int kH = kNarrow ? kN / 4 : 2;  // query rows (columns, narrow) of a thread
   const int tid = threadIdx.x, wg = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   namespace tl = timeline;  // (event clocks of a measuring build only, as in the bf16 kernel)
@@ -611,11 +612,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid == 256) tl::page(g, tl::kValue2Done);
         float inv[2] = {0.f, 0.f};
         int slot = 0;
-        if (last) {
-          inv[0] = inv_l_s[pb * 64 + r0];
-          inv[1] = inv_l_s[pb * 64 + r0 + 8];
-          slot = slot_s[pb];
-        }
+        if (last) slot = last_page_factors(inv_l_s + pb * 64, slot_s + pb, r0, inv);
         mbar_arrive(bar_pempty + 8 * pb);
         if (last) store_rows<T>(p, o, inv, slot, b, m_tile * 64 + r0, v, lane);
         named_barrier(4 + v, 128);  // the warpgroup's fp16 V of the next page is written
