@@ -97,6 +97,10 @@ CASES = [
     ([4097, 33, 20000], 2, 8, True),
     ([300] * 5, 1, 13, True),
     ([20000, 3, 64, 65], 1, 16, False),
+    # 17-32 query rows: the narrow form with 32 columns
+    ([4097, 33, 20000], 2, 16, True),
+    ([300] * 5, 3, 7, True),
+    ([20000, 3, 64, 65], 1, 32, False),
     # 1- and 2-token sequences, many rows: lse is one score (or two), so any error in a score or
     # a row scale shows undamped (the bench's check failed here when its CUDA reference rounded
     # the row scales differently: docs/kernel.md).

@@ -61,7 +61,7 @@ def test_the_fp8_kernels_refill_comes_back_three_pages_on():
 
 def test_the_fp8_narrow_forms_refill_comes_back_four_pages_on():
     offsets = [10 * (e + 1) for e in range(tl.EVENTS)]
-    assert (tl.fp8_stages(16), tl.fp8_stages(17), tl.fp8_stages(256)) == (4, 3, 3)
+    assert (tl.fp8_stages(16), tl.fp8_stages(32), tl.fp8_stages(33), tl.fp8_stages(256)) == (4, 4, 3, 3)
     got = tl.analyse(synthetic(40, 2_000, offsets, 1.0), tiles=1, phases=tl.phases_for(True, tl.fp8_stages(16)))
     assert got["summary_us"]["refill issued -> S of that page issued (4 stages)"] == pytest.approx(
         (4 * 2_000 + offsets[tl.S_ISSUE] - offsets[tl.REFILL]) / 1e3)

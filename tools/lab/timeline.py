@@ -11,7 +11,8 @@ hand-offs between them. Clocks convert to time by the CTA's own globaltimer over
 --fp8: the FP8 kernel (a bf16 q over an e4m3 cache), whose stamps sit at the same points; its
 refill is issued by the producer once S and both value warpgroups are done with the stage, and a
 stage comes back kStages pages later: 3 in the 64-row form, 4 in the narrow form (h_q * s_q <=
-16; kernel_fp8.cuh's Smem). --shape: these shapes instead of SHAPES.
+32; kernel_fp8.cuh's Smem). In the narrow form WG0 issues S of a sequence's next page before this
+page's softmax: its "S" phase spans that softmax. --shape: these shapes instead of SHAPES.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def read(lib) -> torch.Tensor:
 
 def fp8_stages(rows: int) -> int:
     """The FP8 kernel's stages for `rows` query rows (s_q * h_q): kernel_fp8.cuh's Smem."""
-    return 4 if rows <= 16 else 3
+    return 4 if rows <= 32 else 3
 
 
 def phases_for(fp8: bool, stages: int = 3) -> dict:

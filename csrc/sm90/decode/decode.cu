@@ -98,9 +98,11 @@ void launch_fp8(const Params& p, cudaStream_t stream) {
   const CUtensorMap tmap_kv =
       make_map(p.kv_cache, CU_TENSOR_MAP_DATA_TYPE_UINT8, CU_TENSOR_MAP_SWIZZLE_64B, 4, kv_dims, kv_strides, box);
 
-  // At most 16 query rows: the narrow form of the kernel (tokens and dims as the wgmma's rows).
+  // At most 16 or 32 query rows: the narrow form of the kernel (tokens and dims as the wgmma's rows).
   if (p.rows <= 16)
     launch_fp8_kernel<T, 16>(p, stream, tmap_q, tmap_kv);
+  else if (p.rows <= 32)
+    launch_fp8_kernel<T, 32>(p, stream, tmap_q, tmap_kv);
   else
     launch_fp8_kernel<T, 64>(p, stream, tmap_q, tmap_kv);
 }

@@ -20,9 +20,9 @@
 //       once those are done, while the last two run.
 // Pages land whole (one TMA box: 64 rows x 9 chunks of 64 bytes, 64B swizzle) in three stages; a
 // stage is refilled once S and both widenings are done with it. P has two buffers.
-// For at most 16 query rows the kernel takes a narrow form (Narrow below): the same warpgroups
+// For at most 32 query rows the kernel takes a narrow form (Narrow below): the same warpgroups
 // and barriers with both products transposed, so that the tensor cores do not compute 64 rows
-// for 16, and V^T converted into registers instead of the fp16 V buffer (so four stages).
+// for 16 or 32, and V^T converted into registers instead of the fp16 V buffer (so four stages).
 //
 // Numerics (ops.py states the bound): S's products are exact, but the e4m3 tensor cores add them
 // into the accumulator with about 14 bits, an error that grows with the k-steps of one chain (18
@@ -50,8 +50,9 @@ constexpr float kPScaleLog2 = 6.f;                  // P is stored as fp16 2^6 p
 // not fit, 16 spill) and the softmax's state; the value warpgroups hold O (128) and a widening in
 // flight. 136 + 2 * 184 = 504 = 3 * 168 (no spill).
 constexpr int kRegsScore = 136, kRegsValue = 184;
-// The narrow form: WG0 holds no Q but a state per column; the value warpgroups hold O^T (2 kN) and
-// a page of V^T (64). 152 + 2 * 176 = 504 (no spill).
+// The narrow form: WG0 holds no Q but S^T twice (this page's and the next's in flight, kN / 2
+// each) and a state per column; the value warpgroups hold O^T (kN / 2 a tile, 4 tiles) and a page
+// of V^T (64). 152 + 2 * 176 = 504 (no spill at kN = 16 or 32).
 constexpr int kRegsScoreNarrow = 152, kRegsValueNarrow = 176;
 constexpr int kQRegSteps = 14;  // k-steps of S with Q from registers (RS); the rest read Q from shared memory (SS)
 
@@ -90,8 +91,8 @@ __device__ __forceinline__ void gmma_rs(const uint32_t (&a)[4], uint64_t db, flo
 }
 using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::MN>;
 
-// The narrow form, for tiles of kN = 16 query rows: the 64 rows of a wgmma are the page's tokens
-// or dims, not query rows, so that the tensor cores do kN / 64 of the 64-row form's work:
+// The narrow form, for tiles of kN = 16 or 32 query rows: the 64 rows of a wgmma are the page's
+// tokens or dims, not query rows, so that the tensor cores do kN / 64 of the 64-row form's work:
 //   S^T = K8 . Q8^T  (m64 x kN x k32 e4m3: A the page, B the Q tile's first kN rows, both K-major)
 //   O^T += V^T . P^T (m64 x kN x k16 f16, 4 tiles of 64 dims a value warpgroup: A from registers,
 //                     V^T converted from the page's e4m3, B P's first kN rows K-major, the 64-row
@@ -99,14 +100,17 @@ using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major:
 // A thread holds tokens r0, r0 + 8 (S^T) or dims (O^T) of columns 8 j + col_base + {0, 1}, the
 // query rows: its column h (of kN / 4) is col_of(h). A column's max over the page is a
 // reduction over the warpgroup (shuffles, then the 4 warps through shared memory: rows 32-63 of
-// the page's P buffer, which the narrow form leaves unused); its sum stays a partial per thread
-// until the sequence's last page.
-// (kN = 32, h_q * s_q of 17-32, was slower than the 64-row form: docs/kernel.md.)
+// the page's P buffer, which the narrow form leaves unused), done only on the pages where a vote
+// says some column's max moves; its sum stays a partial per thread until the sequence's last page.
+// WG0 issues S^T of a sequence's next page before the softmax of this one, so that the two overlap.
 template <int kN>
 struct Narrow {
-  static_assert(kN == 16, "the narrow form's width");
-  using QK = cute::SM90::GMMA::MMA_64x16x32_F32E4M3E4M3_SS_TN<>;
-  using PV = cute::SM90::GMMA::MMA_64x16x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>;
+  static_assert(kN == 16 || kN == 32, "the narrow form's widths");
+  using QK = std::conditional_t<kN == 16, cute::SM90::GMMA::MMA_64x16x32_F32E4M3E4M3_SS_TN<>,
+                                cute::SM90::GMMA::MMA_64x32x32_F32E4M3E4M3_SS_TN<>>;
+  using PV = std::conditional_t<
+      kN == 16, cute::SM90::GMMA::MMA_64x16x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>,
+      cute::SM90::GMMA::MMA_64x32x16_F32F16F16_RS<cute::SM90::GMMA::Major::K, cute::SM90::GMMA::Major::K>>;
 };
 __device__ __forceinline__ int col_of(int h, int col_base) { return 8 * (h / 2) + col_base + h % 2; }
 constexpr int kScratch = 32 * 128;  // byte offset of the narrow form's reduction scratch in a P buffer
@@ -215,15 +219,15 @@ __device__ __forceinline__ void finish_cols(const Params& p, float (&l)[kN / 4],
   }
 }
 
-// T: the output dtype (bf16 or fp16); kN: 64 (query rows are the wgmma's M) or 16 (the narrow form
-// above, for at most 16 query rows).
+// T: the output dtype (bf16 or fp16); kN: 64 (query rows are the wgmma's M), or 16 or 32 (the
+// narrow form above, for at most kN query rows).
 template <typename T, int kN>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t s_base = smem_addr(smem);
-  static_assert(kN == 16 || kN == 64, "tile widths");
+  static_assert(kN == 16 || kN == 32 || kN == 64, "tile widths");
   constexpr bool kNarrow = kN < 64;
   using L = Smem<kNarrow>;
   constexpr int kStages = L::kStages;
@@ -286,6 +290,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
     uint32_t qa[kNarrow ? 1 : kQRegSteps][4];  // this thread's A fragments of the Q tile, one set a k-step
+    float s_next[kNarrow ? kN / 2 : 1];  // (narrow) S^T of the next page, in flight under this page's softmax
+    bool s_pending = false;
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
       const int b = cur.b, page = cur.page;
@@ -329,28 +335,60 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ---- S = Q K^T (64 rows x 64 tokens), or S^T = K Q^T (64 tokens x kN), e4m3 x e4m3 -> fp32
       const int stage = g % kStages, pb = g % 2;
       const uint32_t s_stage = s_kv + stage * kPageBytes;
-      if (tid == 0) tl::page(g, tl::kScoreWaitFull);
-      mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
-      if (tid == 0) tl::page(g, tl::kScoreIssue);
       constexpr int kS = kNarrow ? kN / 2 : 32;
       float s[kS];
       const auto desc = [](uint32_t a) { return desc_sw64(a); };
-      wgmma_fence();
+      if constexpr (kNarrow) {
+        // S^T of the page, issued under the softmax of the page before when both are of one
+        // sequence (s_next: in flight between the two), else here.
+        const auto issue_s = [&](uint32_t s_page) {
+          wgmma_fence();
 #pragma unroll
-      for (int k = 0; k < kKSteps; ++k) {
-        const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
-        if constexpr (kNarrow)
-          gmma_ss<typename Narrow<kN>::QK>(desc(s_stage + koff), desc(s_q + koff), s, k > 0, std::make_index_sequence<kS>{});
-        else if (k < kQRegSteps)
-          gmma_rs<QKr>(qa[k], desc(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
-        else
-          gmma_ss<QKs>(desc(s_q + koff), desc(s_stage + koff), s, true, std::make_index_sequence<32>{});
+          for (int k = 0; k < kKSteps; ++k) {
+            const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
+            gmma_ss<typename Narrow<kN>::QK>(desc(s_page + koff), desc(s_q + koff), s_next, k > 0, std::make_index_sequence<kS>{});
+          }
+          wgmma_commit();
+        };
+        if (!s_pending) {
+          if (tid == 0) tl::page(g, tl::kScoreWaitFull);
+          mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+          if (tid == 0) tl::page(g, tl::kScoreIssue);
+          issue_s(s_stage);
+          wgmma_wait<0>();
+          fence_regs(s_next);
+          if (tid == 0) tl::page(g, tl::kScoreDone);
+          mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
+        }
+#pragma unroll
+        for (int i = 0; i < kS; ++i) s[i] = s_next[i];
+        s_pending = !last;  // the next page is this sequence's: its S^T now, waited for after this softmax
+        if (s_pending) {
+          const int g1 = g + 1, stage1 = g1 % kStages;
+          if (tid == 0) tl::page(g1, tl::kScoreWaitFull);
+          mbar_wait(bar_full + 8 * stage1, (g1 / kStages) & 1);
+          if (tid == 0) tl::page(g1, tl::kScoreIssue);
+          issue_s(s_kv + stage1 * kPageBytes);
+        }
+      } else {
+        if (tid == 0) tl::page(g, tl::kScoreWaitFull);
+        mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
+        if (tid == 0) tl::page(g, tl::kScoreIssue);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < kKSteps; ++k) {
+          const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
+          if (k < kQRegSteps)
+            gmma_rs<QKr>(qa[k], desc(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
+          else
+            gmma_ss<QKs>(desc(s_q + koff), desc(s_stage + koff), s, true, std::make_index_sequence<32>{});
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(s);
+        if (tid == 0) tl::page(g, tl::kScoreDone);
+        mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_regs(s);
-      if (tid == 0) tl::page(g, tl::kScoreDone);
-      mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
 
       // ---- online softmax (log2 domain), as in the bf16 kernel, with a scale per row
       uint8_t* p_smem = smem + L::kP + pb * kPBytes;
@@ -367,17 +405,28 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (masked && tok0 + 8 * ((i / 2) % 2) >= limit[h]) s[i] = -INFINITY;
           mx[h] = fmaxf(mx[h], s[i]);
         }
-        float* red = reinterpret_cast<float*>(p_smem + kScratch);  // [4 warps][kN]
+        // A column's max moves only when one of its scores passes m + kMaxSlack (rare after a
+        // sequence's first page): one barrier with a vote says whether any does; only then is
+        // the max reduced over the warpgroup (shuffles, then the 4 warps through scratch).
+        bool over = false;
 #pragma unroll
-        for (int h = 0; h < kH; ++h) {
-          for (int x = 4; x < 32; x *= 2) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], x));
-          if (lane < 4) red[warp * kN + col_of(h, col_base)] = mx[h];
-        }
-        named_barrier(1, 128);
+        for (int h = 0; h < kH; ++h) over |= mx[h] * rs[h] > m[h] + kMaxSlack;
+        if (named_barrier_any(1, 128, over)) {
+          float* red = reinterpret_cast<float*>(p_smem + kScratch);  // [4 warps][kN]
 #pragma unroll
-        for (int h = 0; h < kH; ++h) {
-          const int c = col_of(h, col_base);
-          mx[h] = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
+          for (int h = 0; h < kH; ++h) {
+            for (int x = 4; x < 32; x *= 2) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], x));
+            if (lane < 4) red[warp * kN + col_of(h, col_base)] = mx[h];
+          }
+          named_barrier(1, 128);
+#pragma unroll
+          for (int h = 0; h < kH; ++h) {
+            const int c = col_of(h, col_base);
+            mx[h] = fmaxf(fmaxf(red[c], red[kN + c]), fmaxf(red[2 * kN + c], red[3 * kN + c]));
+          }
+        } else {
+#pragma unroll
+          for (int h = 0; h < kH; ++h) mx[h] = -INFINITY;  // (no column moves: m stays)
         }
       } else {
         mask_and_row_max(s, page, col_base, limit, mx);
@@ -397,13 +446,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (g >= 2) mbar_wait(bar_pempty + 8 * pb, ((g / 2) + 1) & 1);
       const int slot = n_splits == 1 ? -1 : split_base + (b == st.begin_b ? begin_split : 0);
       if constexpr (kNarrow) {
-        // P^T's token r0 + 8 (e / 2) of column h is P's (row col_of(h), that token): 2-byte stores
+        // P^T's token r0 + 8 (e / 2) of column h is P's (row col_of(h), that token). Columns
+        // 8 j .. 8 j + 7 of the warp's tokens 0-7 and 8-15 are two 8 x 8 matrices of the mma
+        // fragment layout: stmatrix .trans stores them as 8 rows (columns) of 8 tokens each.
 #pragma unroll
-        for (int i = 0; i < kS; ++i) {
-          const int h = 2 * (i / 4) + i % 2;
-          const float pr = exp2f(fmaf(s[i], rs[h], -m_use[h]));
-          l[h] += pr;
-          *reinterpret_cast<__half*>(p_smem + sw128(col_of(h, col_base), r0 + 8 * ((i / 2) % 2))) = __float2half_rn(pr);
+        for (int jj = 0; jj < kN / 16; ++jj) {
+          uint32_t w[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {  // matrix q: columns 8 (2 jj + q / 2) .., tokens 8 (q % 2) ..
+            const int i = 4 * (2 * jj + q / 2) + 2 * (q % 2);
+            const float p0 = exp2f(fmaf(s[i], rs[2 * (i / 4)], -m_use[2 * (i / 4)]));
+            const float p1 = exp2f(fmaf(s[i + 1], rs[2 * (i / 4) + 1], -m_use[2 * (i / 4) + 1]));
+            l[2 * (i / 4)] += p0;
+            l[2 * (i / 4) + 1] += p1;
+            w[q] = pack2<__half>(p0, p1);
+          }
+          const int mq = lane / 8;  // the matrix whose row (column 8 (2 jj + mq / 2) + lane % 8) this lane addresses
+          const uint32_t dst = s_base + L::kP + pb * kPBytes + sw128(8 * (2 * jj + mq / 2) + lane % 8, 16 * warp + 8 * (mq % 2));
+          asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(w[0]),
+                       "r"(w[1]), "r"(w[2]), "r"(w[3])
+                       : "memory");
         }
         if (warp == 0 && lane < 4) {
 #pragma unroll
@@ -431,6 +493,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async();  // P, written by threads, is read by wgmma next
       mbar_arrive(bar_pfull2 + 8 * pb);
       if (tid == 0) tl::page(g, tl::kPReady);
+      if constexpr (kNarrow) {  // the next page's S^T, issued before the softmax
+        wgmma_wait<0>();
+        fence_regs(s_next);
+        if (s_pending) {
+          if (tid == 0) tl::page(g + 1, tl::kScoreDone);
+          mbar_arrive(bar_free + 8 * ((g + 1) % kStages));
+        }
+      }
       advance(cur, st, p.cache_seqlens);
     }
   } else {
