@@ -338,6 +338,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       constexpr int kS = kNarrow ? kN / 2 : 32;
       float s[kS];
       const auto desc = [](uint32_t a) { return desc_sw64(a); };
+      const auto wait_page = [&](int gi) {  // the gi-th page has landed
+        if (tid == 0) tl::page(gi, tl::kScoreWaitFull);
+        mbar_wait(bar_full + 8 * (gi % kStages), (gi / kStages) & 1);
+        if (tid == 0) tl::page(gi, tl::kScoreIssue);
+      };
+      const auto page_read = [&](int gi) {  // this thread's S of the gi-th page is done with it
+        if (tid == 0) tl::page(gi, tl::kScoreDone);
+        mbar_arrive(bar_free + 8 * (gi % kStages));
+      };
       if constexpr (kNarrow) {
         // S^T of the page, issued under the softmax of the page before when both are of one
         // sequence (s_next: in flight between the two), else here.
@@ -351,29 +360,21 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_commit();
         };
         if (!s_pending) {
-          if (tid == 0) tl::page(g, tl::kScoreWaitFull);
-          mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
-          if (tid == 0) tl::page(g, tl::kScoreIssue);
+          wait_page(g);
           issue_s(s_stage);
           wgmma_wait<0>();
           fence_regs(s_next);
-          if (tid == 0) tl::page(g, tl::kScoreDone);
-          mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
+          page_read(g);
         }
 #pragma unroll
         for (int i = 0; i < kS; ++i) s[i] = s_next[i];
         s_pending = !last;  // the next page is this sequence's: its S^T now, waited for after this softmax
         if (s_pending) {
-          const int g1 = g + 1, stage1 = g1 % kStages;
-          if (tid == 0) tl::page(g1, tl::kScoreWaitFull);
-          mbar_wait(bar_full + 8 * stage1, (g1 / kStages) & 1);
-          if (tid == 0) tl::page(g1, tl::kScoreIssue);
-          issue_s(s_kv + stage1 * kPageBytes);
+          wait_page(g + 1);
+          issue_s(s_kv + (g + 1) % kStages * kPageBytes);
         }
       } else {
-        if (tid == 0) tl::page(g, tl::kScoreWaitFull);
-        mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
-        if (tid == 0) tl::page(g, tl::kScoreIssue);
+        wait_page(g);
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < kKSteps; ++k) {
@@ -386,8 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(s);
-        if (tid == 0) tl::page(g, tl::kScoreDone);
-        mbar_arrive(bar_free + 8 * stage);  // this thread's S has read the page
+        page_read(g);
       }
 
       // ---- online softmax (log2 domain), as in the bf16 kernel, with a scale per row
@@ -454,11 +454,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           uint32_t w[4];
 #pragma unroll
           for (int q = 0; q < 4; ++q) {  // matrix q: columns 8 (2 jj + q / 2) .., tokens 8 (q % 2) ..
-            const int i = 4 * (2 * jj + q / 2) + 2 * (q % 2);
-            const float p0 = exp2f(fmaf(s[i], rs[2 * (i / 4)], -m_use[2 * (i / 4)]));
-            const float p1 = exp2f(fmaf(s[i + 1], rs[2 * (i / 4) + 1], -m_use[2 * (i / 4) + 1]));
-            l[2 * (i / 4)] += p0;
-            l[2 * (i / 4) + 1] += p1;
+            const int i = 4 * (2 * jj + q / 2) + 2 * (q % 2), h = 2 * (i / 4);  // s[i]: column h, s[i + 1]: h + 1
+            const float p0 = exp2f(fmaf(s[i], rs[h], -m_use[h]));
+            const float p1 = exp2f(fmaf(s[i + 1], rs[h + 1], -m_use[h + 1]));
+            l[h] += p0;
+            l[h + 1] += p1;
             w[q] = pack2<__half>(p0, p1);
           }
           const int mq = lane / 8;  // the matrix whose row (column 8 (2 jj + mq / 2) + lane % 8) this lane addresses
@@ -496,10 +496,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kNarrow) {  // the next page's S^T, issued before the softmax
         wgmma_wait<0>();
         fence_regs(s_next);
-        if (s_pending) {
-          if (tid == 0) tl::page(g + 1, tl::kScoreDone);
-          mbar_arrive(bar_free + 8 * ((g + 1) % kStages));
-        }
+        if (s_pending) page_read(g + 1);
       }
       advance(cur, st, p.cache_seqlens);
     }
