@@ -73,6 +73,11 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
   d |= static_cast<uint64_t>(swizzle) << 62;
   return d;
 }
+// The descriptor of the operand `bytes` (a multiple of 16) past d's: shared-memory addresses are
+// below 2^18, so the start address (bits 0-13, in 16-byte units) does not carry into the rest.
+__device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t bytes) {
+  return (d & ~uint64_t{0xffffffff}) | static_cast<uint32_t>(static_cast<uint32_t>(d) + (bytes >> 4));
+}
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
 }

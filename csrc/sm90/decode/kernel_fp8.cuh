@@ -166,31 +166,55 @@ __device__ __forceinline__ void store_cols(const Params& p, const float (&o)[4][
 // of a token's row serves all four tiles; its tokens are 16 kk + 2 (lane % 4) + {0, 1} (+ 8 for
 // a[2], a[3]). A byte permute pairs two tokens' bytes of one dim; e4m3 -> fp16 is exact. Odd
 // quads read their two rows in the other order, so that each read's rows fall on both halves of
-// the banks. Tokens at or past `valid` read as zeros (their P is 0, and the cache may hold NaN).
-__device__ __forceinline__ void load_vt(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane) {
-  const int q4 = lane / 4, c = lane % 4;
-  const bool odd = c & 1;
+// the banks (the permute's selectors swap its inputs back). VtLane holds what depends on the lane
+// only: the two rows' offsets in the chunk (the 64B swizzle of a thread's rows is the same for
+// every k-step) and the selectors.
+struct VtLane {
+  uint32_t off_a, off_b, sel_lo, sel_hi;  // the first and second read's rows; the permutes of dims 2 t, 2 t + 1
+  __device__ __forceinline__ explicit VtLane(int lane) {
+    const int q4 = lane / 4, c = lane % 4, odd = c & 1;
+    const int swz = ((((q4 >> 1) ^ c) & 3) << 4) + 8 * (q4 & 1);  // sw64(row, 8 q4) - 64 row, for row / 2 = c mod 4
+    off_a = (2 * c + odd) * 64 + swz;
+    off_b = (2 * c + 1 - odd) * 64 + swz;
+    sel_lo = odd ? 0x1504 : 0x5140;  // (0x5140 with its two inputs swapped)
+    sel_hi = odd ? 0x3726 : 0x7362;
+  }
+};
+// k-steps kBegin .. kEnd - 1. Tokens at or past `valid` read as zeros (their P is 0, and the cache
+// may hold NaN): kPartial, for a sequence's last page only (load_vt below picks).
+template <int kBegin, int kEnd, bool kPartial>
+__device__ __forceinline__ void load_vt_steps(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane,
+                                              const VtLane& vl) {
+  const int c = lane % 4, odd = c & 1;
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
+  for (int kk = kBegin; kk < kEnd; ++kk)
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int t0 = 16 * kk + 2 * c + 8 * hi;
-      const int ta = t0 + (odd ? 1 : 0), tb = t0 + (odd ? 0 : 1);
-      uint2 xa, xb;
-      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(xa.x), "=r"(xa.y) : "r"(chunk + sw64(ta, 8 * q4)));
-      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(xb.x), "=r"(xb.y) : "r"(chunk + sw64(tb, 8 * q4)));
-      if (ta >= valid) xa = make_uint2(0u, 0u);
-      if (tb >= valid) xb = make_uint2(0u, 0u);
-      const uint2 x0 = odd ? xb : xa, x1 = odd ? xa : xb;  // tokens t0, t0 + 1
+      uint2 xa, xb;  // tokens t0 + odd, t0 + 1 - odd
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(xa.x), "=r"(xa.y) : "r"(chunk + vl.off_a + (16 * kk + 8 * hi) * 64));
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(xb.x), "=r"(xb.y) : "r"(chunk + vl.off_b + (16 * kk + 8 * hi) * 64));
+      if constexpr (kPartial) {
+        if (t0 + odd >= valid) xa = make_uint2(0u, 0u);
+        if (t0 + 1 - odd >= valid) xb = make_uint2(0u, 0u);
+      }
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
-        const uint32_t pr = __byte_perm(t < 2 ? x0.x : x0.y, t < 2 ? x1.x : x1.y, t % 2 ? 0x7362 : 0x5140);
-        const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pr & 0xffff), __NV_E4M3);
-        const __half2_raw hi2 = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pr >> 16), __NV_E4M3);
-        a[kk][t][2 * hi] = static_cast<uint32_t>(lo.y) << 16 | lo.x;        // row r0: dim 2 t
-        a[kk][t][2 * hi + 1] = static_cast<uint32_t>(hi2.y) << 16 | hi2.x;  // row r0 + 8: dim 2 t + 1
+        const uint32_t pr = __byte_perm(t < 2 ? xa.x : xa.y, t < 2 ? xb.x : xb.y, t % 2 ? vl.sel_hi : vl.sel_lo);
+        uint32_t lo, hi2;  // dims 2 t (row r0), 2 t + 1 (row r0 + 8) of tokens t0, t0 + 1, in fp16
+        asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+            : "=r"(lo), "=r"(hi2) : "r"(pr));
+        a[kk][t][2 * hi] = lo;
+        a[kk][t][2 * hi + 1] = hi2;
       }
     }
+}
+template <int kBegin, int kEnd>
+__device__ __forceinline__ void load_vt(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane, const VtLane& vl) {
+  if (valid >= kPageSize)
+    load_vt_steps<kBegin, kEnd, false>(a, chunk, valid, lane, vl);
+  else
+    load_vt_steps<kBegin, kEnd, true>(a, chunk, valid, lane, vl);
 }
 
 // finish_rows (kernel.cuh) for the narrow form: the column sums over the warpgroup (red: [4][kN]
@@ -199,7 +223,7 @@ __device__ __forceinline__ void load_vt(uint32_t (&a)[4][4][4], uint32_t chunk, 
 template <int kN>
 __device__ __forceinline__ void finish_cols(const Params& p, float (&l)[kN / 4], const float (&m)[kN / 4], float m_shift,
                                             float numer, float* red, float* inv_l, int* slot_out, int slot, int b,
-                                            int row0, int col_base, int warp, int lane, int tid) {
+                                            int row0, int col_base, int warp, int lane) {
 #pragma unroll
   for (int h = 0; h < kN / 4; ++h) {
     for (int x = 4; x < 32; x *= 2) l[h] += __shfl_xor_sync(0xffffffff, l[h], x);
@@ -215,7 +239,7 @@ __device__ __forceinline__ void finish_cols(const Params& p, float (&l)[kN / 4],
       inv_l[c] = total > 0.f ? numer / total : 0.f;
       if (row0 + c < p.rows) store_lse(p, lse, slot, b, row0 + c);
     }
-    if (tid == 0) *slot_out = slot;
+    if (lane == 0) *slot_out = slot;  // (thread 0)
   }
 }
 
@@ -225,7 +249,9 @@ template <typename T, int kN>
 __global__ void __launch_bounds__(kThreads, 1)
     decode_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv, Params p) {
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // (an offset from smem_raw, not an integer round trip, so that the compiler knows the pointers
+  // below are shared memory: 32-bit addresses and ld.shared, not generic loads)
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const uint32_t s_base = smem_addr(smem);
   static_assert(kN == 16 || kN == 32 || kN == 64, "tile widths");
   constexpr bool kNarrow = kN < 64;
@@ -351,11 +377,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         // S^T of the page, issued under the softmax of the page before when both are of one
         // sequence (s_next: in flight between the two), else here.
         const auto issue_s = [&](uint32_t s_page) {
+          const uint64_t dp = desc(s_page), dq = desc(s_q);
           wgmma_fence();
 #pragma unroll
           for (int k = 0; k < kKSteps; ++k) {
             const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
-            gmma_ss<typename Narrow<kN>::QK>(desc(s_page + koff), desc(s_q + koff), s_next, k > 0, std::make_index_sequence<kS>{});
+            gmma_ss<typename Narrow<kN>::QK>(desc_add(dp, koff), desc_add(dq, koff), s_next, k > 0,
+                                             std::make_index_sequence<kS>{});
           }
           wgmma_commit();
         };
@@ -375,14 +403,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       } else {
         wait_page(g);
+        const uint64_t dp = desc(s_stage), dq = desc(s_q);
         wgmma_fence();
 #pragma unroll
         for (int k = 0; k < kKSteps; ++k) {
           const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
           if (k < kQRegSteps)
-            gmma_rs<QKr>(qa[k], desc(s_stage + koff), s, k > 0, std::make_index_sequence<32>{});
+            gmma_rs<QKr>(qa[k], desc_add(dp, koff), s, k > 0, std::make_index_sequence<32>{});
           else
-            gmma_ss<QKs>(desc(s_q + koff), desc(s_stage + koff), s, true, std::make_index_sequence<32>{});
+            gmma_ss<QKs>(desc_add(dq, koff), desc_add(dp, koff), s, true, std::make_index_sequence<32>{});
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -474,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_proxy_async();
         mbar_arrive(bar_pfull + 8 * pb);
         if (last) finish_cols<kN>(p, l, m, kPScaleLog2, descale_k, reinterpret_cast<float*>(p_smem + kScratch + 4 * kN * 4),
-                                  inv_l_s + pb * 64, slot_s + pb, slot, b, m_tile * 64, col_base, warp, lane, tid);
+                                  inv_l_s + pb * 64, slot_s + pb, slot, b, m_tile * 64, col_base, warp, lane);
       } else {
         // In two halves, as the bf16 kernel publishes P: tokens 0-31 with the row
         // factors on p_full, so that P.V's first two k-steps start while tokens 32-63 are computed.
@@ -549,6 +578,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int i = 0; i < kPer; ++i) o[t][i] = 0.f;
       int v_seq = -1, v_len = 0;
+      const VtLane vl(lane);
 #pragma unroll 1
       for (; cur.b <= st.end_b; ++g) {
         const int b = cur.b, page = cur.page;
@@ -560,7 +590,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
         uint32_t a[4][4][4];
-        load_vt(a, s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes, v_len - page * kPageSize, lane);
+        const uint32_t chunk = s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes;
+        const int valid = v_len - page * kPageSize;
+        load_vt<0, 4>(a, chunk, valid, lane, vl);
         release(stage, g);
         mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
         rescale_cols<kN>(o, scale_s + pb * 64, col_base);
