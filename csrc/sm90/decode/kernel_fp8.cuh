@@ -301,13 +301,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  const int r0 = warp * 16 + lane / 4;  // accumulator rows r0, r0 + 8
-  const int col_base = 2 * (lane % 4);
+  // (r0, col_base: each warpgroup's own, after its register split; made before it, they spill)
   const float descale_k = *p.descale_k;
 
   if (wg == 0) {
     // ============================ score warpgroup
     reg_dealloc<kNarrow ? kRegsScoreNarrow : kRegsScore>();
+    const int r0 = warp * 16 + lane / 4;  // accumulator rows r0, r0 + 8
+    const int col_base = 2 * (lane % 4);
     if (p.q_quantized) asm volatile("griddepcontrol.wait;" ::: "memory");  // q8 and its scales are written
     // this thread's query rows: r0 + 8 h of the tile, or (narrow) columns col_of(h)
     const auto row_of = [&](int h) { return m_tile * 64 + (kNarrow ? col_of(h, col_base) : r0 + 8 * h); };
@@ -532,6 +533,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     // ============================ value warpgroups: V of their 256 dims widened to fp16, O += P V
     reg_alloc<kNarrow ? kRegsValueNarrow : kRegsValue>();
+    const int r0 = warp * 16 + lane / 4;
+    const int col_base = 2 * (lane % 4);
     const int v = wg - 1;
     const bool producer = tid == 128;
     Cursor ld = cur;
@@ -644,25 +647,36 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int t = 32 * part + lane;
         const uint32_t src = s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes + t * 64;
         const uint32_t dst = v16 + t * 128;
+        // Reads two at a time, then their conversions and writes: a read's latency is then not
+        // waited for on its own (the writes' memory clobber keeps later reads after them).
+        const bool keep = t < w_valid;
   #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          uint32_t x[4];
-          asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
-                       : "r"(src + (((u ^ (t >> 1)) & 3) << 4)));
-          uint32_t y[8];
+        for (int uu = 0; uu < 4; uu += 2) {
+          uint32_t x[2][4];
   #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x[i] & 0xffff), __NV_E4M3);
-            const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x[i] >> 16), __NV_E4M3);
-            y[2 * i] = t < w_valid ? (static_cast<uint32_t>(lo.y) << 16 | lo.x) : 0u;
-            y[2 * i + 1] = t < w_valid ? (static_cast<uint32_t>(hi.y) << 16 | hi.x) : 0u;
+          for (int e = 0; e < 2; ++e)
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(x[e][0]), "=r"(x[e][1]), "=r"(x[e][2]), "=r"(x[e][3])
+                         : "r"(src + ((((uu + e) ^ (t >> 1)) & 3) << 4)));
+  #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int u = uu + e;
+            uint32_t y[8];
+  #pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              uint32_t lo, hi;  // fp16 pairs of bytes 0-1 and 2-3
+              asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+                  : "=r"(lo), "=r"(hi)
+                  : "r"(x[e][i]));
+              y[2 * i] = keep ? lo : 0u;
+              y[2 * i + 1] = keep ? hi : 0u;
+            }
+  #pragma unroll
+            for (int k = 0; k < 2; ++k)
+              asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + (((2 * u + k) ^ (t & 7)) << 4)),
+                           "r"(y[4 * k]), "r"(y[4 * k + 1]), "r"(y[4 * k + 2]), "r"(y[4 * k + 3])
+                           : "memory");
           }
-  #pragma unroll
-          for (int k = 0; k < 2; ++k)
-            asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + (((2 * u + k) ^ (t & 7)) << 4)),
-                         "r"(y[4 * k]), "r"(y[4 * k + 1]), "r"(y[4 * k + 2]), "r"(y[4 * k + 3])
-                         : "memory");
         }
         fence_proxy_async();  // the fp16 V, written by threads, is read by wgmma
         if (part == 1) {
