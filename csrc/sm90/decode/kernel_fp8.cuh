@@ -160,6 +160,13 @@ __device__ __forceinline__ void store_cols(const Params& p, const float (&o)[4][
   }
 }
 
+// Four e4m3 (bytes 0-3 of x) to fp16, exactly: bytes 0-1 into lo, 2-3 into hi (each the low half first).
+__device__ __forceinline__ void e4m3x4_to_f16(uint32_t x, uint32_t& lo, uint32_t& hi) {
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
+}
+
 // V^T's A fragments of one page for a value warpgroup's thread in the narrow form: a[kk][t] for
 // k-step kk (tokens 16 kk ..) and tile t. The thread's rows r0, r0 + 8 of tile t are its dims
 // 2 t, 2 t + 1 of 8 adjacent ones (byte 8 (lane / 4) of chunk `chunk`), so that one 8-byte read
@@ -180,14 +187,14 @@ struct VtLane {
     sel_hi = odd ? 0x3726 : 0x7362;
   }
 };
-// k-steps kBegin .. kEnd - 1. Tokens at or past `valid` read as zeros (their P is 0, and the cache
-// may hold NaN): kPartial, for a sequence's last page only (load_vt below picks).
-template <int kBegin, int kEnd, bool kPartial>
-__device__ __forceinline__ void load_vt_steps(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane,
-                                              const VtLane& vl) {
+// Tokens at or past `valid` read as zeros (their P is 0, and the cache may hold NaN): kPartial,
+// for a sequence's last page only (load_vt below picks).
+template <bool kPartial>
+__device__ __forceinline__ void load_vt_page(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane,
+                                             const VtLane& vl) {
   const int c = lane % 4, odd = c & 1;
 #pragma unroll
-  for (int kk = kBegin; kk < kEnd; ++kk)
+  for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int t0 = 16 * kk + 2 * c + 8 * hi;
@@ -201,20 +208,16 @@ __device__ __forceinline__ void load_vt_steps(uint32_t (&a)[4][4][4], uint32_t c
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         const uint32_t pr = __byte_perm(t < 2 ? xa.x : xa.y, t < 2 ? xb.x : xb.y, t % 2 ? vl.sel_hi : vl.sel_lo);
-        uint32_t lo, hi2;  // dims 2 t (row r0), 2 t + 1 (row r0 + 8) of tokens t0, t0 + 1, in fp16
-        asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
-            : "=r"(lo), "=r"(hi2) : "r"(pr));
-        a[kk][t][2 * hi] = lo;
-        a[kk][t][2 * hi + 1] = hi2;
+        // dims 2 t (row r0), 2 t + 1 (row r0 + 8) of tokens t0, t0 + 1
+        e4m3x4_to_f16(pr, a[kk][t][2 * hi], a[kk][t][2 * hi + 1]);
       }
     }
 }
-template <int kBegin, int kEnd>
 __device__ __forceinline__ void load_vt(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane, const VtLane& vl) {
   if (valid >= kPageSize)
-    load_vt_steps<kBegin, kEnd, false>(a, chunk, valid, lane, vl);
+    load_vt_page<false>(a, chunk, valid, lane, vl);
   else
-    load_vt_steps<kBegin, kEnd, true>(a, chunk, valid, lane, vl);
+    load_vt_page<true>(a, chunk, valid, lane, vl);
 }
 
 // finish_rows (kernel.cuh) for the narrow form: the column sums over the warpgroup (red: [4][kN]
@@ -595,7 +598,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         uint32_t a[4][4][4];
         const uint32_t chunk = s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes;
         const int valid = v_len - page * kPageSize;
-        load_vt<0, 4>(a, chunk, valid, lane, vl);
+        load_vt(a, chunk, valid, lane, vl);
         release(stage, g);
         mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
         rescale_cols<kN>(o, scale_s + pb * 64, col_base);
@@ -664,10 +667,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             uint32_t y[8];
   #pragma unroll
             for (int i = 0; i < 4; ++i) {
-              uint32_t lo, hi;  // fp16 pairs of bytes 0-1 and 2-3
-              asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
-                  : "=r"(lo), "=r"(hi)
-                  : "r"(x[e][i]));
+              uint32_t lo, hi;
+              e4m3x4_to_f16(x[e][i], lo, hi);
               y[2 * i] = keep ? lo : 0u;
               y[2 * i + 1] = keep ? hi : 0u;
             }
