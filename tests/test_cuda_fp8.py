@@ -2,11 +2,21 @@
 dequantized inputs, the quantizing write_cache against the CPU reference, CUDA-graph replay.
 Skipped where there is no GPU.
 
-Bound: the contract's (ops.FP8_OUT_RTOL of each row's largest |out|, ops.FP8_LSE_ATOL on lse).
-The kernel's products are exact; the e4m3 tensor cores add them with about 14 bits, an error
-that grows with the k-steps of one accumulator chain (the kernel splits S into two chains).
-P·V runs in fp16 (V widened exactly, P one fp16 term, 2^-11
-relative); out is rounded to bf16/fp16.
+Bounds. Every case is held to the contract's (ops.fp8_error_bounds of the oracle's terms): a
+score may be off by ops.FP8_SCORE_RTOL of its row's magnitude M, and out by ops.FP8_OUT_RTOL of
+the row's largest |out| plus what such score errors do to the probabilities. The kernel's products
+are exact; the e4m3 tensor cores add the 32 of a k-step to the accumulator aligned to about 14
+bits of its magnitude (or of their largest), so a chain of k-steps loses more the longer it runs.
+The kernel adds S's k-steps in chains of two, the chains in fp32: a chain loses less than
+2 * 32 * 2^-14 = 2^-8 of its sum of |products|, hence FP8_SCORE_RTOL = 2^-8. P.V runs in fp16 (V widened
+exactly, P one fp16 term, 2^-11 relative); out is rounded to bf16/fp16.
+
+On random data (paged_inputs' normal values) the truncations of products of either sign cancel,
+and the kernel is far inside that bound: M is about 20 there, so the bound allows a lse error of
+0.09 and 10-20% on out, while the kernel's were below 2e-3 and 0.5% on the H200
+(docs/kernel.md). Those cases are held to RANDOM_OUT_RTOL of the row's largest |out| and
+RANDOM_LSE_ATOL too, so that a lost page or a stale buffer shows. COHERENT shapes products that
+share a sign, where the error is largest.
 """
 
 import math
@@ -24,6 +34,7 @@ from torch_mla.ops import FP8, HEAD_DIM, HEAD_DIM_V, ROPE_DIM
 from torch_mla.testing import paged_inputs
 
 pytestmark = pytest.mark.gpu
+RANDOM_OUT_RTOL, RANDOM_LSE_ATOL = 2e-2, 1e-2  # random data only: the kernel's figures, with room
 
 
 @pytest.fixture(autouse=True)
@@ -33,11 +44,14 @@ def _kernel_present():
     assert torch_mla.has_cuda_kernel(), f"CUDA extension not loaded: {torch_mla.cuda_kernel_error()}"
 
 
-def fp8_inputs(seqlens, s_q, h_q, q_dtype, k_scale=0.02, q_scale=0.01, seed=0):
+def fp8_inputs(seqlens, s_q, h_q, q_dtype, k_scale=0.02, q_scale=0.01, seed=0, shape=None):
     """paged_inputs (scattered pages, NaN in every row no sequence owns) with an e4m3 cache; q in
-    q_dtype, or e4m3 with q_scale. Returns CUDA tensors and the oracle's float64 q and cache."""
+    q_dtype, or e4m3 with q_scale. ``shape(q, kv, block_table)`` may reshape the float32 data
+    first (COHERENT). Returns CUDA tensors and the oracle's float64 q and cache."""
     g = torch.Generator().manual_seed(seed)
     q, kv, block_table, lens = paged_inputs(seqlens, s_q=s_q, h_q=h_q, dtype=torch.float32, generator=g)
+    if shape is not None:
+        q, kv = shape(q, kv, block_table)
     k_scale, q_scale = torch.tensor([k_scale]), torch.tensor([q_scale])
     kv8 = torch_mla.quantize_fp8(kv, k_scale)
     if q_dtype == FP8:
@@ -52,27 +66,35 @@ def fp8_inputs(seqlens, s_q, h_q, q_dtype, k_scale=0.02, q_scale=0.01, seed=0):
     return cuda, q64, kv8.double() * k_scale.double()
 
 
-def check_fp8_against_oracle(seqlens, s_q, h_q, causal=False, q_dtype=torch.bfloat16, softmax_scale=None, seed=0):
-    a, q64, kv64 = fp8_inputs(seqlens, s_q, h_q, q_dtype, seed=seed)
+def check_fp8_against_oracle(seqlens, s_q, h_q, causal=False, q_dtype=torch.bfloat16, softmax_scale=None, seed=0,
+                             shape=None, k_scale=0.02):
+    a, q64, kv64 = fp8_inputs(seqlens, s_q, h_q, q_dtype, seed=seed, shape=shape, k_scale=k_scale)
     poison_allocator()
     out, lse = torch_mla.decode(a["q"], a["kv_cache"], a["block_table"], a["cache_seqlens"], softmax_scale=softmax_scale,
                                 causal=causal, descale_q=a["descale_q"], descale_k=a["descale_k"])
     torch.cuda.synchronize()
     assert out.dtype == (torch.bfloat16 if q_dtype == FP8 else q_dtype)
-    ref_out, ref_lse = naive_decode(q64, kv64, a["block_table"], a["cache_seqlens"], softmax_scale, causal)
+    ref_out, ref_lse, mag, abs_out = naive_decode(q64, kv64, a["block_table"], a["cache_seqlens"], softmax_scale,
+                                                  causal, fp8_terms=True)
+    out_bound, lse_bound = ops.fp8_error_bounds(ref_out, abs_out, mag)
+    if shape is None:  # random data: the kernel's own, tighter figures (module docstring)
+        out_bound = torch.minimum(out_bound, RANDOM_OUT_RTOL * ref_out.abs().amax(dim=-1, keepdim=True))
+        lse_bound = lse_bound.clamp_max(RANDOM_LSE_ATOL)
     out, lse = out.cpu().double(), lse.cpu().double()
     assert not out.isnan().any() and not lse.isnan().any(), "NaN in the result"
     for b, n in enumerate(seqlens):
         if n == 0:
             assert (out[b] == 0).all() and (lse[b] == math.inf).all(), "empty sequence: out 0, lse +inf"
             continue
-        row_max = ref_out[b].abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)  # (a row that sees nothing: 0)
-        worst = ((out[b] - ref_out[b]).abs() / row_max).max()
-        assert worst <= ops.FP8_OUT_RTOL, f"sequence {b} (len {n}): out error {worst:.2e} of the row's max"
+        err, bound = (out[b] - ref_out[b]).abs(), out_bound[b]
+        worst = (err - bound).argmax()
+        assert (err <= bound).all(), (f"sequence {b} (len {n}): out error {err.flatten()[worst]:.2e}, "
+                                      f"bound {bound.flatten()[worst]:.2e}")
         finite = torch.isfinite(ref_lse[b])  # (+inf: a causal row that sees no token)
         assert (lse[b][~finite] == math.inf).all()
-        lse_err = (lse[b][finite] - ref_lse[b][finite]).abs().max()
-        assert lse_err <= ops.FP8_LSE_ATOL, f"sequence {b} (len {n}): lse error {lse_err:.2e}"
+        err, bound = (lse[b] - ref_lse[b]).abs()[finite], lse_bound[b][finite]
+        worst = (err - bound).argmax()
+        assert (err <= bound).all(), f"sequence {b} (len {n}): lse error {err[worst]:.2e}, bound {bound[worst]:.2e}"
 
 
 CASES = [
@@ -128,6 +150,37 @@ def test_fp8_kernel_property(s_q, h_q, causal, q_dtype, data):
     check_fp8_against_oracle(seqlens, s_q, h_q, causal, q_dtype=q_dtype, seed=data.draw(st.integers(0, 2 ** 20)))
 
 
+def spikes(q, kv, block_table):
+    """Tokens 40 and 178 of every sequence that long made 0.25 and 0.5 times the sum of its query
+    rows 0-7 (of position 0): those rows score about 6 and 12 nat there, from products that
+    mostly share a sign."""
+    for b in range(block_table.shape[0]):
+        for coef, t in ((0.25, 40), (0.5, 178)):
+            kv[block_table[b, t // 64], t % 64, 0] = coef * q[b, 0, :8].sum(dim=0)
+    return q, kv
+
+
+def front_heavy(q, kv, block_table):
+    kv = kv.abs()
+    kv[..., :HEAD_DIM // 2] *= 4  # (the first k-steps' products 4x the rest)
+    return q.abs(), kv
+
+
+# Scores whose products share a sign: summing them is where the e4m3 tensor cores lose most
+# (random signs cancel their truncations). Each shape at the default softmax_scale (M about
+# 10-25) and 4x it (M up to about 80).
+COHERENT = {"positive": lambda q, kv, _: (q.abs(), kv.abs()), "front-heavy": front_heavy, "spikes": spikes}
+
+
+@pytest.mark.parametrize("h_q", [16, 32, 64, 128])
+@pytest.mark.parametrize("kind", list(COHERENT))
+@pytest.mark.parametrize("scale_mult", [1, 4])
+def test_fp8_kernel_coherent_scores(h_q, kind, scale_mult):
+    seqlens = [1] * 16 + [3, 200, 4097] if kind != "spikes" else [179, 200, 4097]
+    check_fp8_against_oracle(seqlens, 1, h_q, shape=COHERENT[kind], softmax_scale=scale_mult * HEAD_DIM ** -0.5,
+                             k_scale=0.05)
+
+
 def test_fp8_kernel_runs_are_bitwise_identical():
     a, _, _ = fp8_inputs([3000, 77, 1], 1, 128, torch.bfloat16)
     first = torch_mla.decode(**a)
@@ -165,9 +218,12 @@ def test_fp8_bf16_query_is_quantized_as_the_reference_does():
     out, lse = torch_mla.decode(**a)
     cpu = {k: (v.cpu() if v is not None else None) for k, v in a.items()}
     ref_out, ref_lse = torch_mla.decode(**cpu)
-    row_max = ref_out.double().abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
-    assert ((out.cpu().double() - ref_out.double()).abs() <= ops.FP8_OUT_RTOL * row_max).all()
-    assert ((lse.cpu() - ref_lse).abs() <= ops.FP8_LSE_ATOL).all()
+    mag, abs_out = torch_mla.reference.fp8_error_terms(cpu["q"], cpu["kv_cache"], cpu["block_table"],
+                                                       cpu["cache_seqlens"], HEAD_DIM_V, HEAD_DIM ** -0.5, False,
+                                                       descale_k=cpu["descale_k"])
+    out_bound, lse_bound = ops.fp8_error_bounds(ref_out.double(), abs_out.double(), mag.double())
+    assert ((out.cpu().double() - ref_out.double()).abs() <= out_bound).all()
+    assert ((lse.cpu() - ref_lse).abs() <= lse_bound).all()
 
 
 def test_fp8_row_quantization_rounds_ties_as_one_division_on_cuda_too():

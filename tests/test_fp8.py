@@ -6,7 +6,7 @@ not by the package. Bound: the reference dequantizes in float32 (one rounding, 2
 and then computes exactly as over a bf16/fp16/fp32 cache, so out stays within one ulp of its
 dtype (bf16 for an e4m3 q) relative plus 1e-4 of its largest magnitude, and lse within 1e-4, as
 in test_decode.py. That is far inside the contract's bound for every FP8 implementation
-(ops.FP8_OUT_RTOL of each row's largest |out|, ops.FP8_LSE_ATOL on lse), which is asserted too.
+(ops.fp8_error_bounds of the oracle's terms), which is asserted too.
 """
 
 import math
@@ -154,15 +154,15 @@ def test_fp8_decode_matches_float64_oracle_over_the_dequantized_inputs(case):
                                 causal=case["causal"], descale_q=q_scale if fp8_q else None, descale_k=k_scale)
 
     q64 = dequantized64(q_in, q_scale) if fp8_q else dequantized64(*rows_quantized(q_in))
-    ref_out, ref_lse = naive_decode(q64, dequantized64(kv8, k_scale), block_table, seqlens, case["softmax_scale"],
-                                    case["causal"])
+    ref_out, ref_lse, mag, abs_out = naive_decode(q64, dequantized64(kv8, k_scale), block_table, seqlens,
+                                                  case["softmax_scale"], case["causal"], fp8_terms=True)
     out_dtype = torch.bfloat16 if fp8_q else case["q_dtype"]
     assert_close_to_oracle(out, lse, ref_out, ref_lse, out_dtype)
     # the contract's bound for any FP8 implementation, implied by the one above
-    row_max = ref_out.abs().amax(dim=-1, keepdim=True)
-    assert ((out.double() - ref_out).abs() <= ops.FP8_OUT_RTOL * row_max).all()
+    out_bound, lse_bound = ops.fp8_error_bounds(ref_out, abs_out, mag)
+    assert ((out.double() - ref_out).abs() <= out_bound).all()
     finite = torch.isfinite(ref_lse)
-    assert ((lse.double()[finite] - ref_lse[finite]).abs() <= ops.FP8_LSE_ATOL).all()
+    assert ((lse.double() - ref_lse).abs()[finite] <= lse_bound[finite]).all()
 
 
 def test_an_fp8_cache_read_with_its_scale_equals_the_dequantized_inputs_read_as_float32():

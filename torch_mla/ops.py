@@ -33,15 +33,30 @@ host sync reads them; they must be positive and finite (a value rule, checked wh
   which the op quantizes row by row (:func:`quantize_rows_fp8`: each 576-dim query row of one
   sequence, position and head gets the scale ``amax / 448``, so the row's largest magnitude is
   e4m3's largest, and no scale is needed from the caller). It computes the attention over the
-  dequantized q and cache: ``out`` and ``lse`` are what float64 attention over
-  ``dequantize(q8)`` and ``dequantize(kv_cache)`` gives, within ``FP8_OUT_RTOL`` relative to the
-  largest magnitude of each row of ``out`` and within ``FP8_LSE_ATOL`` absolute on ``lse``. That
-  bound leaves room for a kernel that computes both products on FP8 tensor cores (P as two e4m3
-  terms, about 2^-8 relative; one term, 2^-4, put ``out`` up to 3.5% off on random data). The
-  CUDA kernel computes S on them (the tensor cores add e4m3 products with about 14 bits) and P·V
-  in fp16 (V widened exactly, P one fp16 term, 2^-11). The CPU reference computes in
-  float32 and stays within one rounding of ``out`` to its dtype. ``out`` is in q's dtype, and
-  bfloat16 for an e4m3 q (as vLLM's FP8 FlashMLA gives); ``lse`` is float32.
+  dequantized q and cache: ``out`` and ``lse`` are what float64 attention over ``dequantize(q8)``
+  and ``dequantize(kv_cache)`` gives, within the bounds of :func:`fp8_error_bounds`:
+
+  - each score ``s_j`` may be off by ``delta = FP8_SCORE_RTOL * M``, where ``M`` is the row's
+    score magnitude, ``softmax_scale`` times the largest ``sum_i |q_i| |k_ji|`` over the keys it
+    sees (``reference.fp8_error_terms`` computes it). So ``lse`` is within ``FP8_LSE_ATOL +
+    delta``, and each probability within a factor ``exp(+-2 delta)``;
+  - ``out`` is within ``FP8_OUT_RTOL`` of the row's largest ``|out|`` plus ``expm1(2 delta)``
+    times ``sum_j p_j |v_j|``.
+
+  Why: the products of e4m3 values are exact, but FP8 tensor cores add them to their
+  accumulator aligned to about 14 bits of its magnitude, so an accumulation chain loses more the
+  longer it runs (one chain over all 576 dims put scores of same-signed products off by up to
+  1.5%). The CUDA kernel adds S's k-steps of 32 in chains of two, the chains in fp32. A k-step's
+  products are aligned to the largest of them and the accumulator, each losing less than 2^-14
+  of it, so a chain loses less than ``2 * 32 * 2^-14 = 2^-8`` of its ``sum |q_i k_ji|``, and a
+  score less than ``FP8_SCORE_RTOL = 2^-8`` of M. Products of either sign cancel their
+  truncations: on random data the kernel's errors are far inside the bound (docs/api.md gives the
+  measured figures). ``FP8_OUT_RTOL`` leaves room for a kernel that computes P·V on FP8 tensor
+  cores (P as two e4m3 terms, about 2^-8 relative; one term, 2^-4, put ``out`` up to 3.5% off on
+  random data); the CUDA kernel computes P·V in fp16 (V widened exactly, P one fp16 term,
+  2^-11). The CPU reference computes in float32 and stays within one rounding of ``out`` to its
+  dtype. ``out`` is in q's dtype, and bfloat16 for an e4m3 q (as vLLM's FP8 FlashMLA gives);
+  ``lse`` is float32.
 """
 
 from __future__ import annotations
@@ -58,6 +73,8 @@ __all__ = [
     "FP8_MAX",
     "FP8_OUT_RTOL",
     "FP8_LSE_ATOL",
+    "FP8_SCORE_RTOL",
+    "fp8_error_bounds",
     "HEAD_DIM",
     "HEAD_DIM_V",
     "ROPE_DIM",
@@ -83,6 +100,21 @@ FP8 = torch.float8_e4m3fn  # the FP8 cache (and query) dtype
 FP8_MAX = reference.FP8_MAX  # 448: larger magnitudes saturate when quantized
 FP8_OUT_RTOL = 2e-2  # decode's bound on out over FP8 inputs, relative to each row's largest |out|
 FP8_LSE_ATOL = 1e-2  # decode's bound on lse over FP8 inputs, absolute
+FP8_SCORE_RTOL = 2 ** -8  # decode's bound on a score's error over FP8 inputs, relative to the row's M
+
+
+def fp8_error_bounds(out: torch.Tensor, abs_out: torch.Tensor,
+                     score_magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode's error bounds over FP8 inputs (module docstring), from the exact attention's
+    ``out`` ``[..., s_q, h_q, dv]``, its ``abs_out`` (the same probabilities times ``|v|``) and the
+    rows' score magnitudes ``M`` ``[..., h_q, s_q]``: ``(out_bound, lse_bound)``, absolute, of
+    out's and lse's shapes. A score may be off by ``delta = FP8_SCORE_RTOL * M``, lse by as much,
+    a probability by a factor of up to ``exp(+-2 delta)``."""
+    delta = FP8_SCORE_RTOL * score_magnitude
+    row_max = out.abs().amax(dim=-1, keepdim=True)
+    out_bound = FP8_OUT_RTOL * row_max + torch.expm1(2 * delta).transpose(-1, -2)[..., None] * abs_out
+    return out_bound, FP8_LSE_ATOL + delta
+
 
 lib = torch.library.Library("mla", "DEF")
 lib.define(
@@ -485,7 +517,7 @@ def decode(
         ``out``: ``[batch, s_q, h_q, 512]`` in q's dtype (bfloat16 for an e4m3 q), the attention
         output in latent space. ``lse``: ``[batch, h_q, s_q]`` float32, natural log of the softmax
         denominator of the scaled scores. Over FP8 inputs both are the attention over the
-        dequantized values, within ``FP8_OUT_RTOL`` / ``FP8_LSE_ATOL`` (module docstring).
+        dequantized values, within :func:`fp8_error_bounds` (module docstring).
     """
     return torch.ops.mla.decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale,
                                 causal, tile_scheduler_metadata, num_splits, descale_q, descale_k)

@@ -6,8 +6,7 @@
 //   WG0 (score warpgroup): per sequence the e4m3 Q tile by TMA (ops.cpp quantized a bf16/fp16 q
 //       row by row, csrc/common/quantize.cu, and the decode launches as that kernel's programmatic
 //       dependent: WG0 waits for it before Q); per page S = Q8 . K8^T (wgmma m64n64k32 e4m3, 18
-//       k-steps, the first kQRegSteps with Q from WG0's registers, read once a sequence: less
-//       shared-memory traffic a page), each row scaled by its q scale * descale_k * softmax_scale, the
+//       k-steps in chains of kSChain, Numerics below), each row scaled by its q scale * descale_k * softmax_scale, the
 //       online softmax, and P in fp16 into the page's P buffer (the bf16 kernel's layout), in two
 //       halves (tokens 0-31, then 32-63) so that P.V's first k-steps start before the softmax ends.
 //   WG1, WG2 (value warpgroups): each owns 256 of the 512 output dims. Each widens its part of V
@@ -24,9 +23,11 @@
 // and barriers with both products transposed, so that the tensor cores do not compute 64 rows
 // for 16 or 32, and V^T converted into registers instead of the fp16 V buffer (so four stages).
 //
-// Numerics (ops.py states the bound): S's products are exact, but the e4m3 tensor cores add them
-// into the accumulator with about 14 bits, an error that grows with the k-steps of one chain (18
-// here; docs/kernel.md gives the lse it leaves, well within the bound). P is one fp16 term
+// Numerics (ops.py states the bound): S's products are exact, but the e4m3 tensor cores add each
+// product into the accumulator aligned to about 14 bits of the accumulator's magnitude, so a
+// score's error grows with the k-steps of one accumulation chain: one chain of 18 put scores of
+// same-signed products off by up to 1.5% (docs/kernel.md). S therefore runs in chains of kSChain
+// = 2 k-steps, each into a fresh partial, the partials added in fp32. P is one fp16 term
 // (2^-11 relative per probability), stored times 2^6 (kPScaleLog2): the running max moves by
 // more than kMaxSlack = 2 (log2) only, so 2^6 p <= 256, and p stays a normal fp16 down to 2^-20
 // of the running max.
@@ -46,15 +47,17 @@ constexpr int kPBytes = 64 * 64 * 2;                // P in fp16: 64 rows x 64 t
 constexpr int kKSteps = kHeadDim / 32;              // 18
 constexpr float kMaxSlack = 2.f;
 constexpr float kPScaleLog2 = 6.f;                  // P is stored as fp16 2^6 p
-// setmaxnreg: WG0 holds S (32), 14 of the Q tile's 18 k-steps of A fragments (56; all 18 would
-// not fit, 16 spill) and the softmax's state; the value warpgroups hold O (128) and a widening in
-// flight. 136 + 2 * 184 = 504 = 3 * 168 (no spill).
+constexpr int kSChain = 2;                          // k-steps of S a tensor-core accumulation chain
+constexpr int kSChains = kKSteps / kSChain;         // 9, added in fp32
+// setmaxnreg: WG0 holds S and two chain partials (3 x 32; Q is read from shared memory) and the
+// softmax's state; the value warpgroups hold O (128) and a widening in flight. 136 + 2 * 184 =
+// 504 = 3 * 168 (no spill).
 constexpr int kRegsScore = 136, kRegsValue = 184;
-// The narrow form: WG0 holds no Q but S^T twice (this page's and the next's in flight, kN / 2
-// each) and a state per column; the value warpgroups hold O^T (kN / 2 a tile, 4 tiles) and a page
-// of V^T (64). 152 + 2 * 176 = 504 (no spill at kN = 16 or 32).
+// The narrow form: WG0 holds S^T (kN / 2) and, at kN = 16, the next page's nine chain partials
+// in flight (9 x 8), at kN = 32 two partials (2 x 16), and a state per column; the value
+// warpgroups hold O^T (kN / 2 a tile, 4 tiles) and a page of V^T (64). 152 + 2 * 176 = 504 (no
+// spill at kN = 16 or 32).
 constexpr int kRegsScoreNarrow = 152, kRegsValueNarrow = 176;
-constexpr int kQRegSteps = 14;  // k-steps of S with Q from registers (RS); the rest read Q from shared memory (SS)
 
 // Shared memory (offsets from a 1024-byte aligned base). The narrow form has no fp16 V buffer (its
 // value warpgroups convert V into registers), so a fourth stage fits.
@@ -77,8 +80,7 @@ struct Smem {
 // K-major operand in 64-byte swizzled rows: 8-row groups 512 bytes apart.
 __device__ __forceinline__ uint64_t desc_sw64(uint32_t addr) { return make_desc(addr, 16, 512, 2); }
 
-using QKr = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_RS_TN<>;  // Q from registers
-using QKs = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;  // Q from shared memory
+using QK = cute::SM90::GMMA::MMA_64x64x32_F32E4M3E4M3_SS_TN<>;
 
 // Byte offset of (row, byte col) in a tile of 64-byte rows with the 64B swizzle (16-byte units of
 // a row XOR bits 1-2 of the row), as TMA writes it.
@@ -102,7 +104,8 @@ using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major:
 // reduction over the warpgroup (shuffles, then the 4 warps through shared memory: rows 32-63 of
 // the page's P buffer, which the narrow form leaves unused), done only on the pages where a vote
 // says some column's max moves; its sum stays a partial per thread until the sequence's last page.
-// WG0 issues S^T of a sequence's next page before the softmax of this one, so that the two overlap.
+// At kN = 16, WG0 issues S^T of a sequence's next page before the softmax of this one, so that
+// the two overlap (at kN = 32 the nine chain partials in flight would not fit in registers).
 template <int kN>
 struct Narrow {
   static_assert(kN == 16 || kN == 32, "the narrow form's widths");
@@ -319,8 +322,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     int limit[kH], min_limit = 0, seqlen = 0;
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
-    uint32_t qa[kNarrow ? 1 : kQRegSteps][4];  // this thread's A fragments of the Q tile, one set a k-step
-    float s_next[kNarrow ? kN / 2 : 1];  // (narrow) S^T of the next page, in flight under this page's softmax
+    // (narrow, kN = 16) S^T of the next page in flight under this page's softmax, a partial a chain
+    constexpr bool kAhead = kN == 16;
+    float s_next[kAhead ? kSChains : 1][kAhead ? kN / 2 : 1];
     bool s_pending = false;
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
@@ -350,16 +354,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         mbar_wait(bar_q, q_phase);
         q_phase ^= 1;
-        if constexpr (!kNarrow) {
-          // The wgmma m64k32 8-bit A layout: rows r0, r0 + 8; bytes 4 (lane % 4) .. + 3, and + 16,
-          // of the k-step's 32 (chunk k / 2, its bytes 32 (k % 2) ..), read from the swizzled tile.
-#pragma unroll
-          for (int k = 0; k < kQRegSteps; ++k)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              qa[k][e] = *reinterpret_cast<const uint32_t*>(
-                  smem + L::kQ + (k / 2) * kChunkBytes + sw64(r0 + 8 * (e % 2), 32 * (k % 2) + 4 * (lane % 4) + 16 * (e / 2)));
-        }
       }
 
       // ---- S = Q K^T (64 rows x 64 tokens), or S^T = K Q^T (64 tokens x kN), e4m3 x e4m3 -> fp32
@@ -377,49 +371,64 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid == 0) tl::page(gi, tl::kScoreDone);
         mbar_arrive(bar_free + 8 * (gi % kStages));
       };
-      if constexpr (kNarrow) {
+      // One chain of S (S^T) of the page at s_page: its k-steps into the partial d.
+      const auto issue_chain = [&](uint32_t s_page, int c, float (&d)[kS]) {
+        const uint64_t dp = desc(s_page), dq = desc(s_q);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kSChain; ++kk) {
+          const int k = c * kSChain + kk;
+          const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
+          if constexpr (kNarrow)
+            gmma_ss<typename Narrow<kN>::QK>(desc_add(dp, koff), desc_add(dq, koff), d, kk > 0, std::make_index_sequence<kS>{});
+          else
+            gmma_ss<QK>(desc_add(dq, koff), desc_add(dp, koff), d, kk > 0, std::make_index_sequence<kS>{});
+        }
+        wgmma_commit();
+      };
+      const auto add = [](float (&acc)[kS], float (&part)[kS]) {
+        fence_regs(part);
+        fence_regs(acc);
+#pragma unroll
+        for (int i = 0; i < kS; ++i) acc[i] += part[i];
+      };
+      if constexpr (kAhead) {
         // S^T of the page, issued under the softmax of the page before when both are of one
         // sequence (s_next: in flight between the two), else here.
         const auto issue_s = [&](uint32_t s_page) {
-          const uint64_t dp = desc(s_page), dq = desc(s_q);
-          wgmma_fence();
 #pragma unroll
-          for (int k = 0; k < kKSteps; ++k) {
-            const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
-            gmma_ss<typename Narrow<kN>::QK>(desc_add(dp, koff), desc_add(dq, koff), s_next, k > 0,
-                                             std::make_index_sequence<kS>{});
-          }
-          wgmma_commit();
+          for (int c = 0; c < kSChains; ++c) issue_chain(s_page, c, s_next[c]);
         };
         if (!s_pending) {
           wait_page(g);
           issue_s(s_stage);
           wgmma_wait<0>();
-          fence_regs(s_next);
           page_read(g);
         }
 #pragma unroll
-        for (int i = 0; i < kS; ++i) s[i] = s_next[i];
+        for (int c = 0; c < kSChains; ++c) fence_regs(s_next[c]);
+#pragma unroll
+        for (int i = 0; i < kS; ++i) s[i] = s_next[0][i];
+#pragma unroll
+        for (int c = 1; c < kSChains; ++c) add(s, s_next[c]);
         s_pending = !last;  // the next page is this sequence's: its S^T now, waited for after this softmax
         if (s_pending) {
           wait_page(g + 1);
           issue_s(s_kv + (g + 1) % kStages * kPageBytes);
         }
       } else {
+        // Chain 0 into s, the others into two partials in turn, each added while the next runs.
         wait_page(g);
-        const uint64_t dp = desc(s_stage), dq = desc(s_q);
-        wgmma_fence();
+        float part[2][kS];
+        issue_chain(s_stage, 0, s);
 #pragma unroll
-        for (int k = 0; k < kKSteps; ++k) {
-          const uint32_t koff = (k / 2) * kChunkBytes + (k % 2) * 32;
-          if (k < kQRegSteps)
-            gmma_rs<QKr>(qa[k], desc_add(dp, koff), s, k > 0, std::make_index_sequence<32>{});
-          else
-            gmma_ss<QKs>(desc_add(dq, koff), desc_add(dp, koff), s, true, std::make_index_sequence<32>{});
+        for (int c = 1; c < kSChains; ++c) {
+          issue_chain(s_stage, c, part[c % 2]);  // (part[c % 2] held chain c - 2, added at c - 1)
+          wgmma_wait<1>();                       // chains up to c - 1 are done
+          if (c >= 2) add(s, part[(c - 1) % 2]);
         }
-        wgmma_commit();
         wgmma_wait<0>();
-        fence_regs(s);
+        add(s, part[(kSChains - 1) % 2]);
         page_read(g);
       }
 
@@ -526,9 +535,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async();  // P, written by threads, is read by wgmma next
       mbar_arrive(bar_pfull2 + 8 * pb);
       if (tid == 0) tl::page(g, tl::kPReady);
-      if constexpr (kNarrow) {  // the next page's S^T, issued before the softmax
+      if constexpr (kAhead) {  // the next page's S^T, issued before the softmax
         wgmma_wait<0>();
-        fence_regs(s_next);
+#pragma unroll
+        for (int c = 0; c < kSChains; ++c) fence_regs(s_next[c]);
         if (s_pending) page_read(g + 1);
       }
       advance(cur, st, p.cache_seqlens);
