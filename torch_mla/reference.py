@@ -76,11 +76,10 @@ def _gather_pages(kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqle
     return kv, positions, seqlens
 
 
-def _scores(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, descale_q, descale_k, magnitude=False):
-    """Every query row's scaled scores over its sequence's keys, ``[batch, s_q, h_q, max_len]``
-    float32, -inf where the row sees no key; and the gathered keys. e4m3 inputs dequantized first
-    (a bf16/fp16/fp32 q over an e4m3 cache quantized row by row). ``magnitude``: the scores of
-    ``|q|`` and ``|k|`` instead (for the M of ``ops.fp8_error_bounds``)."""
+def _operands(q, kv_cache, block_table, cache_seqlens, causal, descale_q, descale_k):
+    """float32 q ``[batch, s_q, h_q, d]``, the gathered keys ``[batch, max_len, d]`` and which key
+    each query row sees, ``[batch, s_q, 1, max_len]``. e4m3 inputs are dequantized (a
+    bf16/fp16/fp32 q over an e4m3 cache quantized row by row first)."""
     batch, s_q, h_q, _ = q.shape
     kv, positions, seqlens = _gather_pages(kv_cache, block_table, cache_seqlens, descale_k)
     if descale_q is not None:
@@ -94,9 +93,14 @@ def _scores(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, desc
     if causal:
         last = last - (s_q - 1) + torch.arange(s_q, device=q.device)[None, :]
     visible = positions[None, None, :] <= last[:, :, None]  # [batch, s_q, max_len]
-    keys = kv.abs() if magnitude else kv
-    scores = torch.einsum("bshd,btd->bsht", qf.abs() if magnitude else qf, keys) * softmax_scale
-    return scores.masked_fill(~visible[:, :, None, :], float("-inf")), kv
+    return qf, kv, visible[:, :, None, :]
+
+
+def _scores(qf, kv, visible, softmax_scale):
+    """Every query row's scaled scores over its sequence's keys, ``[batch, s_q, h_q, max_len]``,
+    -inf where the row does not see the key."""
+    scores = torch.einsum("bshd,btd->bsht", qf, kv) * softmax_scale
+    return scores.masked_fill(~visible, float("-inf"))
 
 
 def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
@@ -107,7 +111,8 @@ def decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, c
 
     e4m3 inputs are dequantized (``descale_q``, ``descale_k``) to float32 first; ``out`` is
     returned in ``out_dtype`` (default q's dtype)."""
-    scores, kv = _scores(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, descale_q, descale_k)
+    qf, kv, visible = _operands(q, kv_cache, block_table, cache_seqlens, causal, descale_q, descale_k)
+    scores = _scores(qf, kv, visible, softmax_scale)
     lse = torch.logsumexp(scores, dim=-1)  # [batch, s_q, h_q]; -inf for a row that sees nothing
     empty = torch.isneginf(lse)
     probs = torch.exp(scores - torch.where(empty, 0.0, lse)[..., None])
@@ -123,9 +128,9 @@ def fp8_error_terms(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.
     M ``[batch, h_q, s_q]`` (``softmax_scale`` times the largest ``sum_i |q_i| |k_i|`` over the keys
     it sees, dequantized; 0 for none) and ``abs_out`` ``[batch, s_q, h_q, head_dim_v]`` (its
     probabilities times ``|v|``), float32."""
-    scores, kv = _scores(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, descale_q, descale_k)
-    mags, _ = _scores(q, kv_cache, block_table, cache_seqlens, softmax_scale, causal, descale_q, descale_k,
-                      magnitude=True)
+    qf, kv, visible = _operands(q, kv_cache, block_table, cache_seqlens, causal, descale_q, descale_k)
+    scores = _scores(qf, kv, visible, softmax_scale)
+    mags = _scores(qf.abs(), kv.abs(), visible, softmax_scale)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # (a row that sees nothing: all -inf)
     abs_out = torch.einsum("bsht,btv->bshv", probs, kv[..., :head_dim_v].abs())
     return mags.amax(dim=-1).clamp_min(0).transpose(1, 2).contiguous(), abs_out
