@@ -351,7 +351,7 @@ def shapes(quick: bool = False, small: bool = False):
         return list(SMALL_BATCH_ROWS)
     if quick:
         rows = [(128, s_q, h_q, seqlen, False) for s_q, h_q, seqlen in
-                ((1, 16, 8192), (1, 64, 4096), (1, 128, 4096), (2, 128, 4096))]
+                ((1, 16, 8192), (1, 32, 4096), (1, 64, 4096), (1, 128, 4096), (2, 128, 4096))]
         return rows + [(1, 1, 16, 4096, False), (8, 1, 128, 8192, False), (64, 1, 128, 2048, False)]
     rows = [(128, s_q, h_q, seqlen, varlen) for seqlen in (4096, 8192, 16384) for h_q in (16, 32, 64, 128)
             for s_q in (1, 2) for varlen in (False, True)]
