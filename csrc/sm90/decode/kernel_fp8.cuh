@@ -53,10 +53,10 @@ constexpr int kSChains = kKSteps / kSChain;         // 9, added in fp32
 // softmax's state; the value warpgroups hold O (128) and a widening in flight. 136 + 2 * 184 =
 // 504 = 3 * 168 (no spill).
 constexpr int kRegsScore = 136, kRegsValue = 184;
-// The narrow form: WG0 holds S^T (kN / 2) and, at kN = 16, the next page's nine chain partials
-// in flight (9 x 8), at kN = 32 two partials (2 x 16), and a state per column; the value
-// warpgroups hold O^T (kN / 2 a tile, 4 tiles) and a page of V^T (64). 152 + 2 * 176 = 504 (no
-// spill at kN = 16 or 32).
+// The narrow form: WG0 holds S^T (kN / 2), the next page's S^T in flight (kN = 16: its nine chain
+// partials, 9 x 8; kN = 32: two partials and their sum so far, 3 x 16) and a state per column;
+// the value warpgroups hold O^T (kN / 2 a tile, 4 tiles) and a page of V^T (64). 152 + 2 * 176 =
+// 504 (no spill at kN = 16 or 32).
 constexpr int kRegsScoreNarrow = 152, kRegsValueNarrow = 176;
 
 // Shared memory (offsets from a 1024-byte aligned base). The narrow form has no fp16 V buffer (its
@@ -104,8 +104,10 @@ using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major:
 // reduction over the warpgroup (shuffles, then the 4 warps through shared memory: rows 32-63 of
 // the page's P buffer, which the narrow form leaves unused), done only on the pages where a vote
 // says some column's max moves; its sum stays a partial per thread until the sequence's last page.
-// At kN = 16, WG0 issues S^T of a sequence's next page before the softmax of this one, so that
-// the two overlap (at kN = 32 the nine chain partials in flight would not fit in registers).
+// WG0 issues S^T of a sequence's next page under the softmax of this one, so that the two
+// overlap: at kN = 16 all nine chains before it; at kN = 32 (where nine partials in flight would
+// not fit in registers) two chains at a time: the first two before it, the others at four steps
+// of it (ahead_step).
 template <int kN>
 struct Narrow {
   static_assert(kN == 16 || kN == 32, "the narrow form's widths");
@@ -322,9 +324,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     int limit[kH], min_limit = 0, seqlen = 0;
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
-    // (narrow, kN = 16) S^T of the next page in flight under this page's softmax, a partial a chain
-    constexpr bool kAhead = kN == 16;
-    float s_next[kAhead ? kSChains : 1][kAhead ? kN / 2 : 1];
+    // (narrow) S^T of the sequence's next page in flight under this page's softmax: its chains in
+    // kGroups groups, a partial a chain; the first is issued before the softmax, each other one at
+    // a step of it (ahead_step) once the group before is folded into s_next, and the last is
+    // folded into the page's s at the top of the next iteration.
+    constexpr bool kAhead = kNarrow;
+    // kN = 16: one group of the nine chains (9 x 8 registers); kN = 32: five groups of two chains
+    // (the last of one), so that two partials of 16 are in flight.
+    constexpr int kGroupChains = kN == 16 ? kSChains : 2;
+    constexpr int kGroups = (kSChains + kGroupChains - 1) / kGroupChains;
+    const auto group_begin = [](int grp) { return min(grp * kGroupChains, kSChains); };
+    constexpr int kS = kNarrow ? kN / 2 : 32;  // S (S^T) a thread
+    float s_next[kS], part_next[kGroupChains][kS];  // (unused by the 64-row form)
     bool s_pending = false;
 #pragma unroll 1
     for (int g = 0; cur.b <= st.end_b; ++g) {
@@ -359,7 +370,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ---- S = Q K^T (64 rows x 64 tokens), or S^T = K Q^T (64 tokens x kN), e4m3 x e4m3 -> fp32
       const int stage = g % kStages, pb = g % 2;
       const uint32_t s_stage = s_kv + stage * kPageBytes;
-      constexpr int kS = kNarrow ? kN / 2 : 32;
       float s[kS];
       const auto desc = [](uint32_t a) { return desc_sw64(a); };
       const auto wait_page = [&](int gi) {  // the gi-th page has landed
@@ -392,29 +402,54 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int i = 0; i < kS; ++i) acc[i] += part[i];
       };
-      if constexpr (kAhead) {
-        // S^T of the page, issued under the softmax of the page before when both are of one
-        // sequence (s_next: in flight between the two), else here.
-        const auto issue_s = [&](uint32_t s_page) {
+      // (kAhead) The next page's S^T, group by group: group grp of its chains into part_next.
+      const auto issue_group = [&](uint32_t s_page, int grp) {
 #pragma unroll
-          for (int c = 0; c < kSChains; ++c) issue_chain(s_page, c, s_next[c]);
-        };
-        if (!s_pending) {
-          wait_page(g);
-          issue_s(s_stage);
-          wgmma_wait<0>();
-          page_read(g);
+        for (int c = 0; c < kGroupChains; ++c)
+          if (group_begin(grp) + c < group_begin(grp + 1)) issue_chain(s_page, group_begin(grp) + c, part_next[c]);
+      };
+      // acc = (or +=) group grp, in part_next
+      const auto sum_group = [&](float (&acc)[kS], int grp, bool first) {
+#pragma unroll
+        for (int c = 0; c < kGroupChains; ++c) fence_regs(part_next[c]);
+        if (first) {
+#pragma unroll
+          for (int i = 0; i < kS; ++i) acc[i] = part_next[0][i];
+        } else {
+          add(acc, part_next[0]);
         }
 #pragma unroll
-        for (int c = 0; c < kSChains; ++c) fence_regs(s_next[c]);
+        for (int c = 1; c < kGroupChains; ++c)
+          if (group_begin(grp) + c < group_begin(grp + 1)) add(acc, part_next[c]);
+      };
+      // At step grp (1 .. kGroups - 1) of the softmax: group grp - 1 is folded, group grp issued.
+      const auto ahead_step = [&](int grp) {
+        if (kAhead && grp < kGroups && s_pending) {
+          wgmma_wait<0>();
+          sum_group(s_next, grp - 1, grp == 1);
+          issue_group(s_kv + (g + 1) % kStages * kPageBytes, grp);
+        }
+      };
+      if constexpr (kAhead) {
+        // S^T of the page: in flight since the page before when both are of one sequence (its
+        // last group in part_next, the others folded into s_next), else here, group by group.
+        if (s_pending) {
+          sum_group(s, kGroups - 1, true);
+          if constexpr (kGroups > 1) add(s, s_next);
+        } else {
+          wait_page(g);
 #pragma unroll
-        for (int i = 0; i < kS; ++i) s[i] = s_next[0][i];
-#pragma unroll
-        for (int c = 1; c < kSChains; ++c) add(s, s_next[c]);
-        s_pending = !last;  // the next page is this sequence's: its S^T now, waited for after this softmax
+          for (int grp = 0; grp < kGroups; ++grp) {
+            issue_group(s_stage, grp);
+            wgmma_wait<0>();
+            sum_group(s, grp, grp == 0);
+          }
+          page_read(g);
+        }
+        s_pending = !last;  // the next page is this sequence's: its first group now
         if (s_pending) {
           wait_page(g + 1);
-          issue_s(s_kv + (g + 1) % kStages * kPageBytes);
+          issue_group(s_kv + (g + 1) % kStages * kPageBytes, 0);
         }
       } else {
         // Chain 0 into s, the others into two partials in turn, each added while the next runs.
@@ -447,6 +482,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (masked && tok0 + 8 * ((i / 2) % 2) >= limit[h]) s[i] = -INFINITY;
           mx[h] = fmaxf(mx[h], s[i]);
         }
+        ahead_step(1);
         // A column's max moves only when one of its scores passes m + kMaxSlack (rare after a
         // sequence's first page): one barrier with a vote says whether any does; only then is
         // the max reduced over the warpgroup (shuffles, then the 4 warps through scratch).
@@ -470,6 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int h = 0; h < kH; ++h) mx[h] = -INFINITY;  // (no column moves: m stays)
         }
+        ahead_step(2);
       } else {
         mask_and_row_max(s, page, col_base, limit, mx);
       }
@@ -508,6 +545,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(w[0]),
                        "r"(w[1]), "r"(w[2]), "r"(w[3])
                        : "memory");
+          ahead_step(3 + jj);  // (kN = 32: steps 3 and 4, after each half of P^T)
         }
         if (warp == 0 && lane < 4) {
 #pragma unroll
@@ -535,10 +573,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async();  // P, written by threads, is read by wgmma next
       mbar_arrive(bar_pfull2 + 8 * pb);
       if (tid == 0) tl::page(g, tl::kPReady);
-      if constexpr (kAhead) {  // the next page's S^T, issued before the softmax
+      if constexpr (kAhead) {  // the next page's last group of S^T
         wgmma_wait<0>();
 #pragma unroll
-        for (int c = 0; c < kSChains; ++c) fence_regs(s_next[c]);
+        for (int c = 0; c < kGroupChains; ++c) fence_regs(part_next[c]);
         if (s_pending) page_read(g + 1);
       }
       advance(cur, st, p.cache_seqlens);
