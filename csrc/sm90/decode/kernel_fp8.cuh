@@ -699,33 +699,34 @@ __global__ void __launch_bounds__(kThreads, 1)
         const uint32_t src = s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes + t * 64;
         const uint32_t dst = v16 + t * 128;
         // Reads two at a time, then their conversions and writes: a read's latency is then not
-        // waited for on its own (the writes' memory clobber keeps later reads after them).
-        const bool keep = t < w_valid;
+        // waited for on its own (the writes' memory clobber keeps later reads after them). A row
+        // past the sequence (on its last page) is written as zeros instead.
+        if (t < w_valid) {
   #pragma unroll
-        for (int uu = 0; uu < 4; uu += 2) {
-          uint32_t x[2][4];
+          for (int uu = 0; uu < 4; uu += 2) {
+            uint32_t x[2][4];
   #pragma unroll
-          for (int e = 0; e < 2; ++e)
-            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(x[e][0]), "=r"(x[e][1]), "=r"(x[e][2]), "=r"(x[e][3])
-                         : "r"(src + ((((uu + e) ^ (t >> 1)) & 3) << 4)));
+            for (int e = 0; e < 2; ++e)
+              asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                           : "=r"(x[e][0]), "=r"(x[e][1]), "=r"(x[e][2]), "=r"(x[e][3])
+                           : "r"(src + ((((uu + e) ^ (t >> 1)) & 3) << 4)));
   #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int u = uu + e;
-            uint32_t y[8];
+            for (int e = 0; e < 2; ++e) {
+              const int u = uu + e;
+              uint32_t y[8];
   #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              uint32_t lo, hi;
-              e4m3x4_to_f16(x[e][i], lo, hi);
-              y[2 * i] = keep ? lo : 0u;
-              y[2 * i + 1] = keep ? hi : 0u;
+              for (int i = 0; i < 4; ++i) e4m3x4_to_f16(x[e][i], y[2 * i], y[2 * i + 1]);
+  #pragma unroll
+              for (int k = 0; k < 2; ++k)
+                asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + (((2 * u + k) ^ (t & 7)) << 4)),
+                             "r"(y[4 * k]), "r"(y[4 * k + 1]), "r"(y[4 * k + 2]), "r"(y[4 * k + 3])
+                             : "memory");
             }
-  #pragma unroll
-            for (int k = 0; k < 2; ++k)
-              asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(dst + (((2 * u + k) ^ (t & 7)) << 4)),
-                           "r"(y[4 * k]), "r"(y[4 * k + 1]), "r"(y[4 * k + 2]), "r"(y[4 * k + 3])
-                           : "memory");
           }
+        } else {
+  #pragma unroll
+          for (int k = 0; k < 8; ++k)
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(dst + (k << 4)), "r"(0u) : "memory");
         }
         fence_proxy_async();  // the fp16 V, written by threads, is read by wgmma
         if (part == 1) {
