@@ -12,7 +12,8 @@ hand-offs between them. Clocks convert to time by the CTA's own globaltimer over
 refill is issued by the producer once S and both value warpgroups are done with the stage, and a
 stage comes back kStages pages later: 3 in the 64-row form, 4 in the narrow form (h_q * s_q <=
 32; kernel_fp8.cuh's Smem). In the narrow form WG0 issues S of a sequence's next page before this
-page's softmax (at kN = 32 in groups during it): its "S" phase spans that softmax. --shape: these shapes instead of SHAPES.
+page's softmax (at kN = 32 in groups during it): its "S" phase spans that softmax. --shape: these
+shapes instead of SHAPES.
 """
 
 from __future__ import annotations
