@@ -334,6 +334,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr int kGroupChains = kN == 16 ? kSChains : 2;
     constexpr int kGroups = (kSChains + kGroupChains - 1) / kGroupChains;
     const auto group_begin = [](int grp) { return min(grp * kGroupChains, kSChains); };
+    // (whether group grp has a c-th chain)
+    const auto in_group = [&](int grp, int c) { return group_begin(grp) + c < group_begin(grp + 1); };
     constexpr int kS = kNarrow ? kN / 2 : 32;  // S (S^T) a thread
     float s_next[kS], part_next[kGroupChains][kS];  // (unused by the 64-row form)
     bool s_pending = false;
@@ -406,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const auto issue_group = [&](uint32_t s_page, int grp) {
 #pragma unroll
         for (int c = 0; c < kGroupChains; ++c)
-          if (group_begin(grp) + c < group_begin(grp + 1)) issue_chain(s_page, group_begin(grp) + c, part_next[c]);
+          if (in_group(grp, c)) issue_chain(s_page, group_begin(grp) + c, part_next[c]);
       };
       // acc = (or +=) group grp, in part_next
       const auto sum_group = [&](float (&acc)[kS], int grp, bool first) {
@@ -420,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
 #pragma unroll
         for (int c = 1; c < kGroupChains; ++c)
-          if (group_begin(grp) + c < group_begin(grp + 1)) add(acc, part_next[c]);
+          if (in_group(grp, c)) add(acc, part_next[c]);
       };
       // At step grp (1 .. kGroups - 1) of the softmax: group grp - 1 is folded, group grp issued.
       const auto ahead_step = [&](int grp) {
