@@ -54,10 +54,13 @@ constexpr int kSChains = kKSteps / kSChain;         // 9, added in fp32
 // 504 = 3 * 168 (no spill).
 constexpr int kRegsScore = 136, kRegsValue = 184;
 // The narrow form: WG0 holds S^T (kN / 2), the next page's S^T in flight (kN = 16: its nine chain
-// partials, 9 x 8; kN = 32: two partials and their sum so far, 3 x 16) and a state per column;
-// the value warpgroups hold O^T (kN / 2 a tile, 4 tiles) and a page of V^T (64). 152 + 2 * 176 =
-// 504 (no spill at kN = 16 or 32).
-constexpr int kRegsScoreNarrow = 152, kRegsValueNarrow = 176;
+// partials, 9 x 8; kN = 32: five partials and their sum, 6 x 16) and a state per column; the
+// value warpgroups hold O^T (kN / 2 a tile, 4 tiles) and V^T (kN = 16: a page, 64; kN = 32: half
+// a page, 32). 152 + 2 * 176 and 184 + 2 * 160 = 504 (no spill; reg_set moves WG0 up at kN = 32).
+template <int kN>
+constexpr int kRegsScoreNarrow = kN == 16 ? 152 : 184;
+template <int kN>
+constexpr int kRegsValueNarrow = kN == 16 ? 176 : 160;
 
 // Shared memory (offsets from a 1024-byte aligned base). The narrow form has no fp16 V buffer (its
 // value warpgroups convert V into registers), so a fourth stage fits.
@@ -106,8 +109,7 @@ using PV = cute::SM90::GMMA::MMA_64x256x16_F32F16F16_SS<cute::SM90::GMMA::Major:
 // says some column's max moves; its sum stays a partial per thread until the sequence's last page.
 // WG0 issues S^T of a sequence's next page under the softmax of this one, so that the two
 // overlap: at kN = 16 all nine chains before it; at kN = 32 (where nine partials in flight would
-// not fit in registers) two chains at a time: the first two before it, the others at four steps
-// of it (ahead_step).
+// not fit in registers) five before it and the other four once P^T is written (ahead_step).
 template <int kN>
 struct Narrow {
   static_assert(kN == 16 || kN == 32, "the narrow form's widths");
@@ -194,12 +196,12 @@ struct VtLane {
 };
 // Tokens at or past `valid` read as zeros (their P is 0, and the cache may hold NaN): kPartial,
 // for a sequence's last page only (load_vt below picks).
-template <bool kPartial>
-__device__ __forceinline__ void load_vt_page(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane,
+template <bool kPartial, int kSteps>
+__device__ __forceinline__ void load_vt_page(uint32_t (&a)[kSteps][4][4], uint32_t chunk, int kk0, int valid, int lane,
                                              const VtLane& vl) {
   const int c = lane % 4, odd = c & 1;
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
+  for (int kk = kk0; kk < kk0 + kSteps; ++kk)
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int t0 = 16 * kk + 2 * c + 8 * hi;
@@ -214,15 +216,17 @@ __device__ __forceinline__ void load_vt_page(uint32_t (&a)[4][4][4], uint32_t ch
       for (int t = 0; t < 4; ++t) {
         const uint32_t pr = __byte_perm(t < 2 ? xa.x : xa.y, t < 2 ? xb.x : xb.y, t % 2 ? vl.sel_hi : vl.sel_lo);
         // dims 2 t (row r0), 2 t + 1 (row r0 + 8) of tokens t0, t0 + 1
-        e4m3x4_to_f16(pr, a[kk][t][2 * hi], a[kk][t][2 * hi + 1]);
+        e4m3x4_to_f16(pr, a[kk - kk0][t][2 * hi], a[kk - kk0][t][2 * hi + 1]);
       }
     }
 }
-__device__ __forceinline__ void load_vt(uint32_t (&a)[4][4][4], uint32_t chunk, int valid, int lane, const VtLane& vl) {
+template <int kSteps>
+__device__ __forceinline__ void load_vt(uint32_t (&a)[kSteps][4][4], uint32_t chunk, int kk0, int valid, int lane,
+                                        const VtLane& vl) {
   if (valid >= kPageSize)
-    load_vt_page<false>(a, chunk, valid, lane, vl);
+    load_vt_page<false>(a, chunk, kk0, valid, lane, vl);
   else
-    load_vt_page<true>(a, chunk, valid, lane, vl);
+    load_vt_page<true>(a, chunk, kk0, valid, lane, vl);
 }
 
 // finish_rows (kernel.cuh) for the narrow form: the column sums over the warpgroup (red: [4][kN]
@@ -314,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     // ============================ score warpgroup
-    reg_dealloc<kNarrow ? kRegsScoreNarrow : kRegsScore>();
+    reg_set<kNarrow ? kRegsScoreNarrow<kN> : kRegsScore>();
     const int r0 = warp * 16 + lane / 4;  // accumulator rows r0, r0 + 8
     const int col_base = 2 * (lane % 4);
     if (p.q_quantized) asm volatile("griddepcontrol.wait;" ::: "memory");  // q8 and its scales are written
@@ -325,14 +329,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     int prev_b = -1, split_base = 0, n_splits = 0;
     uint32_t q_phase = 0;
     // (narrow) S^T of the sequence's next page in flight under this page's softmax: its chains in
-    // kGroups groups, a partial a chain; the first is issued before the softmax, each other one at
-    // a step of it (ahead_step) once the group before is folded into s_next, and the last is
-    // folded into the page's s at the top of the next iteration.
+    // kGroups groups, a partial a chain; the first is issued before the softmax, the second (if
+    // any) once P^T is written and the first is folded into s_next, and the last is folded into
+    // the page's s at the top of the next iteration.
     constexpr bool kAhead = kNarrow;
-    // kN = 16: one group of the nine chains (9 x 8 registers); kN = 32: five groups of two chains
-    // (the last of one), so that two partials of 16 are in flight.
-    constexpr int kGroupChains = kN == 16 ? kSChains : 2;
+    // kN = 16: one group of the nine chains (9 x 8 registers); kN = 32: two, of five and four
+    // chains (nine partials of 16 do not fit beside the softmax's state), the second issued once
+    // P^T is written (ahead_step).
+    constexpr int kGroupChains = kN == 16 ? kSChains : 5;
     constexpr int kGroups = (kSChains + kGroupChains - 1) / kGroupChains;
+    static_assert(kGroups <= 2, "ahead_step folds one group");
     const auto group_begin = [](int grp) { return min(grp * kGroupChains, kSChains); };
     // (whether group grp has a c-th chain)
     const auto in_group = [&](int grp, int c) { return group_begin(grp) + c < group_begin(grp + 1); };
@@ -424,12 +430,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int c = 1; c < kGroupChains; ++c)
           if (in_group(grp, c)) add(acc, part_next[c]);
       };
-      // At step grp (1 .. kGroups - 1) of the softmax: group grp - 1 is folded, group grp issued.
-      const auto ahead_step = [&](int grp) {
-        if (kAhead && grp < kGroups && s_pending) {
+      // (kGroups = 2) Once P^T is written: group 0 is folded into s_next, group 1 issued.
+      const auto ahead_step = [&] {
+        if (kAhead && kGroups == 2 && s_pending) {
           wgmma_wait<0>();
-          sum_group(s_next, grp - 1, grp == 1);
-          issue_group(s_kv + (g + 1) % kStages * kPageBytes, grp);
+          sum_group(s_next, 0, true);
+          issue_group(s_kv + (g + 1) % kStages * kPageBytes, 1);
         }
       };
       if constexpr (kAhead) {
@@ -484,7 +490,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (masked && tok0 + 8 * ((i / 2) % 2) >= limit[h]) s[i] = -INFINITY;
           mx[h] = fmaxf(mx[h], s[i]);
         }
-        ahead_step(1);
         // A column's max moves only when one of its scores passes m + kMaxSlack (rare after a
         // sequence's first page): one barrier with a vote says whether any does; only then is
         // the max reduced over the warpgroup (shuffles, then the 4 warps through scratch).
@@ -508,7 +513,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int h = 0; h < kH; ++h) mx[h] = -INFINITY;  // (no column moves: m stays)
         }
-        ahead_step(2);
       } else {
         mask_and_row_max(s, page, col_base, limit, mx);
       }
@@ -547,8 +551,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(w[0]),
                        "r"(w[1]), "r"(w[2]), "r"(w[3])
                        : "memory");
-          ahead_step(3 + jj);  // (kN = 32: steps 3 and 4, after each half of P^T)
         }
+        ahead_step();
         if (warp == 0 && lane < 4) {
 #pragma unroll
           for (int h = 0; h < kH; ++h) scale_s[pb * 64 + col_of(h, col_base)] = sc[h];
@@ -585,7 +589,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ============================ value warpgroups: V of their 256 dims widened to fp16, O += P V
-    reg_alloc<kNarrow ? kRegsValueNarrow : kRegsValue>();
+    reg_set<kNarrow ? kRegsValueNarrow<kN> : kRegsValue>();
     const int r0 = warp * 16 + lane / 4;
     const int col_base = 2 * (lane % 4);
     const int v = wg - 1;
@@ -645,22 +649,31 @@ __global__ void __launch_bounds__(kThreads, 1)
           v_len = p.cache_seqlens[b];
         }
         mbar_wait(bar_full + 8 * stage, (g / kStages) & 1);
-        uint32_t a[4][4][4];
+        // V^T in registers kVtSteps k-steps at a time: a page at kN = 16; half a page at kN = 32,
+        // the second once the first's wgmma are done (so that WG0 has the registers it needs).
+        constexpr int kVtSteps = kN == 16 ? 4 : 2;
+        uint32_t a[kVtSteps][4][4];
         const uint32_t chunk = s_kv + stage * kPageBytes + (4 * v + warp) * kChunkBytes;
         const int valid = v_len - page * kPageSize;
-        load_vt(a, chunk, valid, lane, vl);
-        release(stage, g);
-        mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
-        rescale_cols<kN>(o, scale_s + pb * 64, col_base);
-        wgmma_fence();
         const uint32_t s_p = s_base + L::kP + pb * kPBytes;
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
+        for (int kk0 = 0; kk0 < 4; kk0 += kVtSteps) {
+          if (kk0 > 0) wgmma_wait<0>();  // (the k-steps before are done with a)
+          load_vt(a, chunk, kk0, valid, lane, vl);
+          if (kk0 + kVtSteps == 4) release(stage, g);
+          if (kk0 == 0) {
+            mbar_wait(bar_pfull + 8 * pb, (g / 2) & 1);
+            rescale_cols<kN>(o, scale_s + pb * 64, col_base);
+          }
+          wgmma_fence();
 #pragma unroll
-          for (int t = 0; t < 4; ++t)
-            gmma_rs<typename Narrow<kN>::PV>(a[kk][t], desc_k_major(s_p + kk * 32), o[t], true,
-                                             std::make_index_sequence<kPer>{});
-        wgmma_commit();
+          for (int kk = 0; kk < kVtSteps; ++kk)
+#pragma unroll
+            for (int t = 0; t < 4; ++t)
+              gmma_rs<typename Narrow<kN>::PV>(a[kk][t], desc_k_major(s_p + (kk0 + kk) * 32), o[t], true,
+                                               std::make_index_sequence<kPer>{});
+          wgmma_commit();
+        }
         if (tid == 128) tl::page(g, tl::kValueIssue);
         mbar_wait(bar_pfull2 + 8 * pb, (g / 2) & 1);  // (the last page's 1 / row sums)
         wgmma_wait<0>();
