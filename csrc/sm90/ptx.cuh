@@ -85,14 +85,14 @@ template <int N>
 __device__ __forceinline__ void reg_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
 template <int N>
 __device__ __forceinline__ void reg_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
-// A warpgroup's registers from the launch's 168 a thread (384 threads) to N: more (inc, which
-// waits for the registers that the other warpgroups give back) or fewer (dec).
-template <int N>
+// A warpgroup's registers from the launch's kFrom a thread to N: more (inc, which waits for the
+// registers that the other warpgroups give back) or fewer (dec).
+template <int N, int kFrom>
 __device__ __forceinline__ void reg_set() {
   static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg counts");
-  if constexpr (N > 168)
+  if constexpr (N > kFrom)
     reg_alloc<N>();
-  else if constexpr (N < 168)
+  else if constexpr (N < kFrom)
     reg_dealloc<N>();
 }
 

@@ -61,6 +61,13 @@ template <int kN>
 constexpr int kRegsScoreNarrow = kN == 16 ? 152 : 184;
 template <int kN>
 constexpr int kRegsValueNarrow = kN == 16 ? 176 : 160;
+// What the launch gives each thread (__launch_bounds__(kThreads, 1): 168); a split that adds up to
+// more than the three warpgroups' share hangs at setmaxnreg.inc.
+constexpr int kRegsLaunch = 65536 / kThreads / 8 * 8;
+static_assert(kRegsScore + 2 * kRegsValue == 3 * kRegsLaunch, "the 64-row form's register split");
+static_assert(kRegsScoreNarrow<16> + 2 * kRegsValueNarrow<16> == 3 * kRegsLaunch &&
+                  kRegsScoreNarrow<32> + 2 * kRegsValueNarrow<32> == 3 * kRegsLaunch,
+              "the narrow form's register splits");
 
 // Shared memory (offsets from a 1024-byte aligned base). The narrow form has no fp16 V buffer (its
 // value warpgroups convert V into registers), so a fourth stage fits.
@@ -318,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     // ============================ score warpgroup
-    reg_set<kNarrow ? kRegsScoreNarrow<kN> : kRegsScore>();
+    reg_set<kNarrow ? kRegsScoreNarrow<kN> : kRegsScore, kRegsLaunch>();
     const int r0 = warp * 16 + lane / 4;  // accumulator rows r0, r0 + 8
     const int col_base = 2 * (lane % 4);
     if (p.q_quantized) asm volatile("griddepcontrol.wait;" ::: "memory");  // q8 and its scales are written
@@ -589,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ============================ value warpgroups: V of their 256 dims widened to fp16, O += P V
-    reg_set<kNarrow ? kRegsValueNarrow<kN> : kRegsValue>();
+    reg_set<kNarrow ? kRegsValueNarrow<kN> : kRegsValue, kRegsLaunch>();
     const int r0 = warp * 16 + lane / 4;
     const int col_base = 2 * (lane % 4);
     const int v = wg - 1;
