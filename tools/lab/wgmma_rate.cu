@@ -15,9 +15,8 @@
 #include <utility>
 
 #include <cuda_runtime.h>
-#include <cute/arch/mma_sm90_gmma.hpp>
 
-#include "sm90/ptx.cuh"
+#include "sm90/decode/kernel_fp8.cuh"  // the kernels' wgmma wrappers and operand descriptors
 
 using namespace mla::sm90;
 namespace G = cute::SM90::GMMA;
@@ -25,15 +24,6 @@ namespace G = cute::SM90::GMMA;
 // A at offset 0, B at 32 KB, each stepping over 8 KB: the widest operand (m64n256k16's MN-major V,
 // 4 atoms 8 KB apart) reaches 64 KB; the rest is margin.
 constexpr int kSmemBytes = 96 * 1024;
-
-template <class Atom, int N, size_t... I>
-__device__ __forceinline__ void ss(uint64_t da, uint64_t db, float (&d)[N], std::index_sequence<I...>) {
-  Atom::fma(da, db, d[I]..., G::ScaleOut::One);
-}
-template <class Atom, int N, size_t... I>
-__device__ __forceinline__ void rs(const uint32_t (&a)[4], uint64_t db, float (&d)[N], std::index_sequence<I...>) {
-  Atom::fma(a[0], a[1], a[2], a[3], db, d[I]..., G::ScaleOut::One);
-}
 
 // A shape: its accumulator floats a thread (N / 2), FLOP, f16 or e4m3, and how it is issued.
 template <class Atom, int kN, int kK, bool kRS, bool kE4M3>
@@ -44,13 +34,12 @@ struct Shape {
   __device__ __forceinline__ static void issue(float (&d)[kAccRegs], uint32_t base, int i, const uint32_t (&a)[4]) {
     // B (and A when SS) rotate over 8 KB of shared memory, 1 KB a step: the kernels' strides
     const uint32_t off = (i % 8) * 1024;
-    const uint64_t db = kE4M3 ? make_desc(base + 32768 + off, 16, 512, 2) : make_desc(base + 32768 + off, 16, 1024);
-    if constexpr (kRS) {
-      rs<Atom>(a, db, d, std::make_index_sequence<kAccRegs>{});
-    } else {
-      const uint64_t da = kE4M3 ? make_desc(base + off, 16, 512, 2) : make_desc(base + off, 16, 1024);
-      ss<Atom>(da, db, d, std::make_index_sequence<kAccRegs>{});
-    }
+    // (K-major operands: the FP8 kernel's 64-byte swizzle for e4m3, the 128-byte one for fp16)
+    const auto desc = [](uint32_t addr) { return kE4M3 ? fp8::desc_sw64(addr) : desc_k_major(addr); };
+    if constexpr (kRS)
+      fp8::gmma_rs<Atom>(a, desc(base + 32768 + off), d, true, std::make_index_sequence<kAccRegs>{});
+    else
+      gmma_ss<Atom>(desc(base + off), desc(base + 32768 + off), d, true, std::make_index_sequence<kAccRegs>{});
   }
 };
 // (MN-major B: V as the 64-row forms read it)
@@ -61,8 +50,8 @@ struct ShapeMN {
   static constexpr bool kFp8 = false;
   __device__ __forceinline__ static void issue(float (&d)[kAccRegs], uint32_t base, int i, const uint32_t (&)[4]) {
     const uint32_t off = (i % 4) * 2048;
-    ss<Atom>(make_desc(base + off, 16, 1024), make_desc(base + 32768 + off, 8192, 1024), d,
-             std::make_index_sequence<kAccRegs>{});
+    gmma_ss<Atom>(desc_k_major(base + off), desc_mn_major(base + 32768 + off), d, true,
+                  std::make_index_sequence<kAccRegs>{});
   }
 };
 
